@@ -1,0 +1,9 @@
+"""codellama-jax: a JAX/Flax NNX inference stack for CodeLlama-70B-Instruct and the Llama family."""
+
+from codellama_jax.chat import ChatTemplate
+from codellama_jax.config import LlamaConfig
+from codellama_jax.loader import Model, load
+from codellama_jax.model import Llama
+from codellama_jax.tokenizer import IncrementalDetokenizer, Tokenizer
+
+__all__ = ["ChatTemplate", "IncrementalDetokenizer", "Llama", "LlamaConfig", "Model", "Tokenizer", "load"]

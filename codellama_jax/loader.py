@@ -1,0 +1,112 @@
+"""`load()`: a converted checkpoint, a HF directory or a GGUF file, ready to run."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from codellama_jax import checkpoint
+from codellama_jax.chat import ChatTemplate, chat_template_for, read_chat_template
+from codellama_jax.config import LlamaConfig
+from codellama_jax.convert import open_checkpoint
+from codellama_jax.convert.hf import with_generation_config
+from codellama_jax.model import Llama, abstract_model
+from codellama_jax.tokenizer import Tokenizer, load_tokenizer
+
+
+class Model:
+    """A loaded model: configuration, the NNX module, tokenizer and chat template (both None when
+    the checkpoint has no tokenizer files)."""
+
+    def __init__(
+        self, config: LlamaConfig, module: Llama, tokenizer: Tokenizer | None, chat_template: ChatTemplate | None
+    ):
+        self.config = config
+        self.module = module
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.graphdef, self.params = nnx.split(module)
+        self._forward = jax.jit(functools.partial(_forward, self.graphdef))
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        return self.config.stop_token_ids
+
+    def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
+        """Float32 logits `[B, T, V]` for a batch of token-id lists (or a `[B, T]` array).
+
+        Shorter rows are right-padded; their logits past the row's own length are NaN.
+        """
+        rows = [np.asarray(r, dtype=np.int64).reshape(-1) for r in token_ids]
+        if not rows or any(r.size == 0 for r in rows):
+            raise ValueError("logits() needs at least one non-empty row of token ids")
+        lengths = [r.size for r in rows]
+        longest = max(lengths)
+        if longest > self.config.max_seq_len:
+            raise ValueError(f"a row has {longest} tokens, the model's context is {self.config.max_seq_len}")
+        bad = [int(t) for r in rows for t in r if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        padded = min(_bucket(longest), self.config.max_seq_len)
+        tokens_BT = np.zeros((len(rows), padded), np.int32)
+        for b, r in enumerate(rows):
+            tokens_BT[b, : r.size] = r
+        positions_BT = np.broadcast_to(np.arange(padded, dtype=np.int32), tokens_BT.shape)
+        logits_BTV = np.array(self._forward(self.params, tokens_BT, positions_BT)[:, :longest])
+        for b, n in enumerate(lengths):
+            logits_BTV[b, n:] = np.nan
+        return logits_BTV
+
+
+def _forward(graphdef, params, tokens_BT, positions_BT):
+    return nnx.merge(graphdef, params)(tokens_BT, positions_BT)
+
+
+def _bucket(n: int) -> int:
+    """Lengths are padded to powers of two (at least 16) to bound the number of compiles."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def default_dtype() -> str:
+    """bfloat16 on accelerators; float32 on CPU, where XLA's bfloat16 matmuls are slow."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def load(path: str | Path, *, dtype: str | None = None) -> Model:
+    """Loads a converted checkpoint directory, a HF checkpoint directory or a `.gguf` file.
+
+    `dtype` ("float32", "bfloat16", "float16") is both the parameter and the compute dtype;
+    by default bfloat16 on accelerators and float32 on CPU.
+    """
+    path = Path(path)
+    param_dtype = checkpoint.parse_dtype(dtype or default_dtype())
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if checkpoint.is_checkpoint(path):
+        config = with_generation_config(LlamaConfig.from_hf(path), path)
+        graphdef, state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype))
+        state = checkpoint.restore_params(path, state, lambda p, var: device)
+        tokenizer, template = _optional_tokenizer(lambda: load_tokenizer(path)), read_chat_template(path)
+    else:
+        source = open_checkpoint(path)
+        config = source.config
+        graphdef, state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype))
+        arrays = {p: jax.device_put(v, device) for p, v in checkpoint.read_params(source, param_dtype)}
+        for p, var in nnx.to_flat_state(state):
+            var.value = arrays[p]
+        tokenizer, template = _optional_tokenizer(source.tokenizer), source.chat_template
+    module = nnx.merge(graphdef, state)
+    return Model(config, module, tokenizer, tokenizer and chat_template_for(tokenizer, template))
+
+
+def _optional_tokenizer(read) -> Tokenizer | None:
+    """A checkpoint without tokenizer files still loads, for logits; text APIs then say why they fail."""
+    try:
+        return read()
+    except FileNotFoundError:
+        return None

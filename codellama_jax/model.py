@@ -1,0 +1,167 @@
+"""The Llama transformer in Flax NNX.
+
+Shape letters: B batch, T query length, S key length, D model dim, N query heads, K kv heads,
+G query heads per kv head, H head dim, F mlp dim, V vocab. Every parameter carries logical axis
+names (`axes` metadata) that `sharding.py` maps to mesh axes; model code never names a
+mesh axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from codellama_jax.config import LlamaConfig
+
+_INIT = nnx.initializers.normal(0.02)
+
+
+class Proj(nnx.Module):
+    """A weight applied with an einsum; the kernel keeps its head structure (e.g. `[D, N, H]`)."""
+
+    def __init__(self, shape: tuple[int, ...], axes: tuple[str, ...], *, param_dtype, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_INIT(rngs.params(), shape, param_dtype), axes=axes)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, equation: str) -> jax.Array:
+        return jnp.einsum(equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm with float32 statistics, scaled in the input dtype (as HF does)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        x32 = x_BTD.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x_BTD.dtype) * normed.astype(x_BTD.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies `[H/2]` of rotate-half RoPE, with linear or llama3 scaling."""
+    H = config.head_dim
+    inv_freq = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, H, 2, dtype=np.float32) / np.float32(H)))
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / config.rope_factor
+    elif config.rope_type == "llama3":
+        factor, lo, hi = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+        old_len = config.rope_original_max_len
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE (the layout of HF Llama q/k weights); angles in float32."""
+    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    angles_BTH = jnp.concatenate([angles_BTh, angles_BTh], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles_BTH).astype(x_BTNH.dtype), jnp.sin(angles_BTH).astype(x_BTNH.dtype)
+    x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+    return x_BTNH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """Grouped-query attention: query head n reads kv head n // G. Softmax in float32."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS * (H**-0.5), -jnp.inf)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(B, T, N, H)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+        D, N, K, H = config.dim, config.num_heads, config.num_kv_heads, config.head_dim
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.q_proj = Proj((D, N, H), ("embed", "heads", "head_dim"), **kw)
+        self.k_proj = Proj((D, K, H), ("embed", "kv_heads", "head_dim"), **kw)
+        self.v_proj = Proj((D, K, H), ("embed", "kv_heads", "head_dim"), **kw)
+        self.o_proj = Proj((N, H, D), ("heads", "head_dim", "embed"), **kw)
+        self.config = config
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        inv_freq = rope_inv_freq(self.config)
+        q_BTNH = apply_rope(self.q_proj(x_BTD, "BTD,DNH->BTNH"), positions_BT, inv_freq)
+        k_BTKH = apply_rope(self.k_proj(x_BTD, "BTD,DKH->BTKH"), positions_BT, inv_freq)
+        v_BTKH = self.v_proj(x_BTD, "BTD,DKH->BTKH")
+        causal_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
+        out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, causal_BTS)
+        return self.o_proj(out_BTNH, "BTNH,NHD->BTD")
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+        D, F = config.dim, config.ffn_dim
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.gate_proj = Proj((D, F), ("embed", "mlp"), **kw)
+        self.up_proj = Proj((D, F), ("embed", "mlp"), **kw)
+        self.down_proj = Proj((F, D), ("mlp", "embed"), **kw)
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        h_BTF = jax.nn.silu(self.gate_proj(x_BTD, "BTD,DF->BTF")) * self.up_proj(x_BTD, "BTD,DF->BTF")
+        return self.down_proj(h_BTF, "BTF,FD->BTD")
+
+
+class Block(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.dim, config.rms_norm_eps, param_dtype=param_dtype)
+        self.attn = Attention(config, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.dim, config.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(config, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
+        return h_BTD + self.mlp(self.mlp_norm(h_BTD))
+
+
+class Llama(nnx.Module):
+    """Decoder-only Llama. `param_dtype` is how weights are stored, `dtype` how activations compute."""
+
+    def __init__(self, config: LlamaConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        self.embed = nnx.Param(
+            _INIT(rngs.params(), (config.vocab_size, config.dim), param_dtype), axes=("vocab", "embed")
+        )
+        self.layers = nnx.List(
+            [Block(config, param_dtype=param_dtype, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(config.dim, config.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else Proj((config.dim, config.vocab_size), ("embed", "vocab"), param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        )
+
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        """Float32 logits `[B, T, V]` for tokens at the given positions (causal over positions)."""
+        x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
+        for block in self.layers:
+            x_BTD = block(x_BTD, positions_BT)
+        x_BTD = self.norm(x_BTD)
+        if self.lm_head is None:
+            return jnp.einsum("BTD,VD->BTV", x_BTD, self.embed[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "BTD,DV->BTV", x_BTD, self.lm_head.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32
+        )
+
+
+def abstract_model(config: LlamaConfig, *, param_dtype=jnp.float32, dtype=jnp.float32) -> Llama:
+    """The model's structure with `ShapeDtypeStruct` leaves: no memory is allocated."""
+    return nnx.eval_shape(lambda: Llama(config, param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(0)))

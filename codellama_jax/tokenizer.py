@@ -1,0 +1,247 @@
+"""Tokenizers behind one interface: SentencePiece (`tokenizer.model`) and HF `tokenizer.json`.
+
+Special-token text is only ever turned into control tokens where the caller allows it (the
+chat template's own text): `encode` treats its input as plain text, so a user who types
+`<step>` or `<s>` gets those characters, not the control tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+import tokenizers
+from sentencepiece import sentencepiece_model_pb2
+
+Span = tuple[int, int]
+
+
+class Tokenizer:
+    """Shared behaviour; backends implement `_encode_plain`, `_decode` and `save`."""
+
+    def __init__(self, vocab_size: int, special_tokens: dict[str, int], bos_id: int | None, eos_id: int | None):
+        self.vocab_size = vocab_size
+        self.special_tokens = dict(special_tokens)  # text -> id, for the control tokens
+        self.special_ids = frozenset(special_tokens.values())
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        by_length = sorted(special_tokens, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, by_length))) if by_length else None
+
+    def token_text(self, token_id: int) -> str | None:
+        return next((t for t, i in self.special_tokens.items() if i == token_id), None)
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """Token ids of plain text; special-token text in it stays text."""
+        ids = self._encode_plain(text) if text else []
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+
+    def encode_with_specials(self, text: str, plain_spans: Sequence[Span] = ()) -> list[int]:
+        """Token ids of template text: special-token text becomes control tokens, except inside
+        `plain_spans` (character ranges of user content), which is encoded as plain text."""
+        ids: list[int] = []
+        start = 0
+        for m in self._special_re.finditer(text) if self._special_re else ():
+            if any(s < m.end() and m.start() < e for s, e in plain_spans):
+                continue
+            if m.start() > start:
+                ids += self._encode_plain(text[start : m.start()])
+            ids.append(self.special_tokens[m.group()])
+            start = m.end()
+        if start < len(text):
+            ids += self._encode_plain(text[start:])
+        return ids
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True, continuation: bool = False) -> str:
+        """Text of token ids. `continuation=True` means the ids follow earlier text, so a leading
+        space (SentencePiece's `▁` on the first piece) is kept rather than dropped."""
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids]
+        return self._decode(ids, continuation)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _decode(self, ids: list[int], continuation: bool) -> str:
+        raise NotImplementedError
+
+    def save(self, directory: str | Path) -> None:
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model plus the added tokens of `tokenizer_config.json` (CodeLlama's `<step>`)."""
+
+    def __init__(self, model_proto: bytes, added_tokens: dict[str, tuple[int, bool]] | None = None):
+        self.proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        spec = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+        self._dummy_prefix = spec.normalizer_spec.add_dummy_prefix
+        n = self.sp.get_piece_size()
+        self.added_tokens = dict(added_tokens or {})  # text -> (id, special)
+        self._added_text = {i: t for t, (i, _) in self.added_tokens.items()}
+        specials = {self.sp.id_to_piece(i): i for i in range(n) if self.sp.is_control(i) and self.sp.id_to_piece(i)}
+        specials.update({t: i for t, (i, special) in self.added_tokens.items() if special})
+        # user-defined pieces are matched in text by SentencePiece itself; those that are control
+        # tokens for us must be spelled out instead when they occur in plain text
+        self._spell_out = {i for i in specials.values() if i < n and self.sp.is_user_defined(i)}
+        size = max([n - 1, *(i for i, _ in self.added_tokens.values())]) + 1
+        bos, eos = self.sp.bos_id(), self.sp.eos_id()
+        super().__init__(size, specials, bos if bos >= 0 else None, eos if eos >= 0 else None)
+
+    @classmethod
+    def from_directory(cls, path: Path) -> SentencePieceTokenizer:
+        added: dict[str, tuple[int, bool]] = {}
+        config_file = path / "tokenizer_config.json"
+        if config_file.is_file():
+            for token_id, entry in json.loads(config_file.read_text()).get("added_tokens_decoder", {}).items():
+                added[entry["content"]] = (int(token_id), bool(entry.get("special", False)))
+        added_file = path / "added_tokens.json"
+        if added_file.is_file():
+            for text, token_id in json.loads(added_file.read_text()).items():
+                added.setdefault(text, (int(token_id), True))
+        return cls((path / "tokenizer.model").read_bytes(), added)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for i in self.sp.encode(text):
+            ids += self._spelled(self.sp.id_to_piece(i)) if i in self._spell_out else [i]
+        return ids
+
+    def _spelled(self, piece: str) -> list[int]:
+        """A user-defined piece as ordinary pieces, character by character (bytes as fallback)."""
+        ids = []
+        for ch in piece:
+            i = self.sp.piece_to_id(ch)
+            if i != self.sp.unk_id() and not self.sp.is_user_defined(i):
+                ids.append(i)
+            else:
+                ids += [self.sp.piece_to_id(f"<0x{b:02X}>") for b in ch.encode()]
+        return ids
+
+    def _decode(self, ids: list[int], continuation: bool) -> str:
+        out = bytearray()
+        n = self.sp.get_piece_size()
+        for i in ids:
+            if i in self._added_text or i >= n:
+                out += self._added_text.get(i, "").encode()
+            elif self.sp.is_byte(i):
+                out.append(int(self.sp.id_to_piece(i)[3:5], 16))
+            elif self.sp.is_control(i) or self.sp.is_unknown(i):
+                out += (self.token_text(i) or (" \u2047 " if self.sp.is_unknown(i) else "")).encode()
+            else:
+                out += self.sp.id_to_piece(i).replace("\u2581", " ").encode()
+        text = out.decode("utf-8", errors="replace")
+        if not continuation and self._dummy_prefix and text.startswith(" "):
+            text = text[1:]
+        return text
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        (directory / "tokenizer.model").write_bytes(self.proto)
+        _merge_json(
+            directory / "tokenizer_config.json",
+            {
+                "added_tokens_decoder": {
+                    str(i): {"content": t, "special": special} for t, (i, special) in self.added_tokens.items()
+                }
+            },
+        )
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer` (a `tokenizer.json`, or one built from a GGUF vocabulary)."""
+
+    def __init__(self, tok: tokenizers.Tokenizer, bos_token: str | None = None, eos_token: str | None = None):
+        self.tok = tok
+        self.tok.encode_special_tokens = True  # we split special tokens ourselves
+        added = tok.get_added_tokens_decoder()
+        specials = {t.content: i for i, t in added.items() if t.special}
+        super().__init__(
+            tok.get_vocab_size(with_added_tokens=True),
+            specials,
+            tok.token_to_id(bos_token) if bos_token else None,
+            tok.token_to_id(eos_token) if eos_token else None,
+        )
+
+    @classmethod
+    def from_directory(cls, path: Path) -> HFTokenizer:
+        config = _read_json(path / "tokenizer_config.json")
+        return cls(
+            tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")),
+            _token_content(config.get("bos_token")),
+            _token_content(config.get("eos_token")),
+        )
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def _decode(self, ids: list[int], continuation: bool) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.tok.save(str(directory / "tokenizer.json"))
+        _merge_json(
+            directory / "tokenizer_config.json",
+            {"bos_token": self.token_text(self.bos_id), "eos_token": self.token_text(self.eos_id)},
+        )
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer stored in a checkpoint directory (`tokenizer.model` preferred)."""
+    path = Path(path)
+    if (path / "tokenizer.model").is_file():
+        return SentencePieceTokenizer.from_directory(path)
+    if (path / "tokenizer.json").is_file():
+        return HFTokenizer.from_directory(path)
+    raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json")
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas for streaming.
+
+    The prefix/read-offset method: decode a short window of already-emitted tokens with and
+    without the new ones and emit the difference, holding it back while it ends in an incomplete
+    UTF-8 sequence (U+FFFD), so byte-fallback pieces of one character come out together.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-4:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        """Text made complete by this token ("" while a character is still incomplete)."""
+        self.ids.append(int(token_id))
+        return self._delta(final=False)
+
+    def flush(self) -> str:
+        """Whatever is held back, at the end of a stream."""
+        return self._delta(final=True)
+
+    def _delta(self, final: bool) -> str:
+        decode = self.tokenizer.decode
+        prefix_text = decode(self.ids[self.prefix_offset : self.read_offset], continuation=True)
+        full_text = decode(self.ids[self.prefix_offset :], continuation=True)
+        if len(full_text) <= len(prefix_text) or (full_text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full_text[len(prefix_text) :]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _merge_json(path: Path, values: dict) -> None:
+    path.write_text(json.dumps({**_read_json(path), **values}, indent=2, ensure_ascii=False))
+
+
+def _token_content(token) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
