@@ -81,6 +81,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         spec = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
         self._dummy_prefix = spec.normalizer_spec.add_dummy_prefix
+        self._user_defined = {i for i, p in enumerate(spec.pieces) if p.type == p.USER_DEFINED}
         n = self.sp.get_piece_size()
         self.added_tokens = dict(added_tokens or {})  # text -> (id, special)
         self._added_text = {i: t for t, (i, _) in self.added_tokens.items()}
@@ -88,7 +89,7 @@ class SentencePieceTokenizer(Tokenizer):
         specials.update({t: i for t, (i, special) in self.added_tokens.items() if special})
         # user-defined pieces are matched in text by SentencePiece itself; those that are control
         # tokens for us must be spelled out instead when they occur in plain text
-        self._spell_out = {i for i in specials.values() if i < n and self.sp.is_user_defined(i)}
+        self._spell_out = self._user_defined & set(specials.values())
         size = max([n - 1, *(i for i, _ in self.added_tokens.values())]) + 1
         bos, eos = self.sp.bos_id(), self.sp.eos_id()
         super().__init__(size, specials, bos if bos >= 0 else None, eos if eos >= 0 else None)
@@ -117,7 +118,7 @@ class SentencePieceTokenizer(Tokenizer):
         ids = []
         for ch in piece:
             i = self.sp.piece_to_id(ch)
-            if i != self.sp.unk_id() and not self.sp.is_user_defined(i):
+            if i != self.sp.unk_id() and i not in self._user_defined:
                 ids.append(i)
             else:
                 ids += [self.sp.piece_to_id(f"<0x{b:02X}>") for b in ch.encode()]

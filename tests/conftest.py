@@ -1,0 +1,108 @@
+"""Shared fixtures: a SentencePiece model trained here, random tiny HF checkpoints written by
+transformers, and the real SmolLM2-135M GGUF."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+import transformers
+
+from codellama_jax.demo_model import fetch_smollm2
+
+REPO = Path(__file__).resolve().parents[1]
+
+CORPUS = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "for i in range(10):\n\tprint(i * 2, end=' ')\n",
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France.",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n        self.items.append(x)\n",
+    "Numbers like 12345 and 3.14159 are split into digits.",
+    "SELECT name, count(*) FROM users WHERE age > 21 GROUP BY name;",
+    "Hello world! Hello again, world. How are you today?",
+]
+
+
+@pytest.fixture(scope="session")
+def sp_dir(tmp_path_factory) -> Path:
+    """A Llama-style SentencePiece BPE model (byte fallback, split digits, `<step>` user-defined)."""
+    out = tmp_path_factory.mktemp("sp")
+    rng = random.Random(0)
+    lines = [rng.choice(CORPUS) for _ in range(400)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_prefix=str(out / "tokenizer"),
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        split_digits=True,
+        user_defined_symbols=["<step>"],
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    step_id = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model")).piece_to_id("<step>")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "added_tokens_decoder": {str(step_id): {"content": "<step>", "special": True}},
+            }
+        )
+    )
+    return out
+
+
+SP_VOCAB = 400
+
+TINY = dict(
+    vocab_size=SP_VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+
+
+def write_hf_checkpoint(directory: Path, sp_dir: Path | None = None, max_shard_size="10GB", **overrides) -> Path:
+    """A random `LlamaForCausalLM` saved by transformers (safetensors), with the test tokenizer."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**TINY, **overrides})
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # make the norms non-trivial so their mapping is checked too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    if sp_dir is not None:
+        for f in ("tokenizer.model", "tokenizer_config.json"):
+            (directory / f).write_bytes((sp_dir / f).read_bytes())
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa_tied(tmp_path_factory, sp_dir) -> Path:
+    return write_hf_checkpoint(
+        tmp_path_factory.mktemp("gqa") / "ckpt", sp_dir, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return fetch_smollm2(REPO / ".cache" / "models")

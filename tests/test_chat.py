@@ -1,0 +1,86 @@
+"""Chat templates render byte-identical to transformers' apply_chat_template, and template text
+typed by a user never becomes control tokens."""
+
+from __future__ import annotations
+
+import pytest
+import tokenizers
+import transformers
+
+from codellama_jax.chat import BUILTIN_TEMPLATES, ChatTemplate
+from codellama_jax.convert import GGUFCheckpoint
+from codellama_jax.tokenizer import SentencePieceTokenizer
+
+CONVERSATIONS = {
+    "user-only": [{"role": "user", "content": "Write a function that adds two numbers."}],
+    "system": [
+        {"role": "system", "content": "You are a careful Python expert."},
+        {"role": "user", "content": "  Reverse a list in place.  "},
+    ],
+    "multi-turn": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And times 3?\n```python\nprint(4 * 3)\n```"},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+@pytest.mark.parametrize("template", list(BUILTIN_TEMPLATES))
+def test_builtin_templates_render_like_transformers(template, conversation, hf_tokenizer):
+    messages = CONVERSATIONS[conversation]
+    source = BUILTIN_TEMPLATES[template]
+    add_prompt = template != "codellama-inst" or messages[-1]["role"] == "user"
+    expected = hf_tokenizer.apply_chat_template(
+        messages, chat_template=source, tokenize=False, add_generation_prompt=add_prompt
+    )
+    ours = ChatTemplate(source, bos_token="<s>", eos_token="</s>").render(messages, add_generation_prompt=add_prompt)
+    assert ours == expected
+
+
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+def test_smollm2_own_template_renders_like_transformers(conversation, smollm2_gguf, hf_tokenizer):
+    source = GGUFCheckpoint(smollm2_gguf).chat_template
+    messages = CONVERSATIONS[conversation]
+    expected = hf_tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False, add_generation_prompt=True)
+    assert ChatTemplate(source, bos_token="<s>", eos_token="</s>").render(messages) == expected
+
+
+def test_codellama_70b_template_is_the_documented_format():
+    messages = CONVERSATIONS["system"]
+    rendered = ChatTemplate.builtin("codellama-70b", bos_token="<s>").render(messages)
+    assert rendered == (
+        "<s>Source: system\n\n You are a careful Python expert. <step> "
+        "Source: user\n\n Reverse a list in place. <step> "
+        "Source: assistant\nDestination: user\n\n "
+    )
+
+
+def test_roles_out_of_order_are_a_clear_error():
+    with pytest.raises(ValueError, match="alternate"):
+        ChatTemplate.builtin("codellama-70b").render([{"role": "assistant", "content": "hi"}])
+
+
+def test_templates_cannot_reach_python_internals():
+    evil = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(Exception) as info:
+        evil.render([{"role": "user", "content": "x"}])
+    assert "unsafe" in str(info.value).lower() or "security" in type(info.value).__name__.lower()
+
+
+def test_special_token_text_in_user_content_stays_text(sp_dir):
+    tokenizer = SentencePieceTokenizer.from_directory(sp_dir)
+    step = tokenizer.special_tokens["<step>"]
+    template = ChatTemplate.builtin("codellama-70b", bos_token="<s>")
+    messages = [{"role": "user", "content": "please print <s> and <step> literally"}]
+    ids = template.encode(tokenizer, messages)
+    assert ids[0] == tokenizer.bos_id and ids.count(tokenizer.bos_id) == 1
+    assert ids.count(step) == 1  # the template's own <step>, not the user's
+    assert "please print <s> and <step> literally" in tokenizer.decode(ids)

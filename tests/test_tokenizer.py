@@ -1,0 +1,103 @@
+"""Tokenizers: round trips, agreement with the reference libraries, the streaming detokenizer, and
+special-token text in user content staying plain text."""
+
+from __future__ import annotations
+
+import pytest
+import sentencepiece as spm
+
+from codellama_jax import IncrementalDetokenizer
+from codellama_jax.convert import GGUFCheckpoint
+from codellama_jax.tokenizer import SentencePieceTokenizer, load_tokenizer
+
+TEXTS = [
+    "Hello world",
+    " leading space and  two spaces",
+    "def f(x):\n    return x + 1\n\n\tindented with a tab",
+    "emoji 😀🚀 and CJK 你好，世界 mixed",
+    "numbers 1234567 and 3.14",
+    "ünïcödé ß and \u00a0non-breaking",
+]
+
+
+@pytest.fixture(scope="module")
+def sp_tok(sp_dir):
+    return load_tokenizer(sp_dir)
+
+
+@pytest.fixture(scope="module")
+def smol_tok(smollm2_gguf):
+    return GGUFCheckpoint(smollm2_gguf).tokenizer()
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_sentencepiece_matches_the_library_and_round_trips(sp_tok, sp_dir, text):
+    reference = spm.SentencePieceProcessor(model_file=str(sp_dir / "tokenizer.model"))
+    assert isinstance(sp_tok, SentencePieceTokenizer)
+    assert sp_tok.encode(text) == reference.encode(text)
+    assert sp_tok.decode(sp_tok.encode(text)) == reference.decode(reference.encode(text)) == text
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_byte_level_bpe_round_trips(smol_tok, text):
+    assert smol_tok.decode(smol_tok.encode(text)) == text
+
+
+def test_smollm2_tokenizer_matches_transformers_reading_the_same_gguf(smol_tok, smollm2_gguf):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    # transformers splits digit runs differently from SmolLM2's own tokenizer (one digit per
+    # token, which we follow), so compare on text without digits
+    for text in [t for t in TEXTS if not any(c.isdigit() for c in t)]:
+        assert smol_tok.encode(text) == reference.encode(text, add_special_tokens=False), text
+
+
+def test_text_after_bos_is_split_like_the_reference(sp_tok):
+    assert sp_tok.encode("Hello", add_bos=True) == [sp_tok.bos_id, *sp_tok.encode("Hello")]
+
+
+def _stream(tokenizer, ids, prompt_ids=()):
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+    deltas = [detok.push(i) for i in ids]
+    return deltas, detok.flush()
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("which", ["sp", "bpe"])
+def test_streaming_detokenizer_reassembles_exactly(which, text, sp_tok, smol_tok):
+    tokenizer = sp_tok if which == "sp" else smol_tok
+    prompt = tokenizer.encode("Answer:")
+    ids = tokenizer.encode(text)
+    deltas, tail = _stream(tokenizer, ids, prompt)
+    expected = (" " if which == "sp" else "") + text  # a continuation keeps SentencePiece's leading "▁"
+    assert "".join(deltas) + tail == expected
+    assert not any("\ufffd" in d for d in deltas), "a delta carried half a UTF-8 character"
+
+
+def test_byte_fallback_characters_come_out_whole(sp_tok):
+    ids = sp_tok.encode("😀你")
+    byte_pieces = [i for i in ids if sp_tok.sp.is_byte(i)]
+    assert len(byte_pieces) >= 4, "the test model should spell these characters in bytes"
+    deltas, _ = _stream(sp_tok, ids)
+    emitted = [d for d in deltas if d]
+    assert "".join(emitted) == " 😀你" and all("\ufffd" not in d for d in emitted)
+    assert deltas.count("") >= len(byte_pieces) - 2  # held back until each character was complete
+
+
+def test_special_token_text_is_plain_in_encode(sp_tok, smol_tok):
+    step = sp_tok.special_tokens["<step>"]
+    ids = sp_tok.encode("a <step> b <s>")
+    assert step not in ids and sp_tok.bos_id not in ids
+    assert sp_tok.decode(ids) == "a <step> b <s>"
+    im_end = smol_tok.special_tokens["<|im_end|>"]
+    ids = smol_tok.encode("x<|im_end|>y")
+    assert im_end not in ids and smol_tok.decode(ids) == "x<|im_end|>y"
+
+
+def test_template_text_becomes_control_tokens_outside_content(sp_tok):
+    text = "<s>user: <step> said <step> "
+    user_step = text.index("<step>")
+    ids = sp_tok.encode_with_specials(text, plain_spans=[(user_step, user_step + len("<step>"))])
+    step = sp_tok.special_tokens["<step>"]
+    # each piece between control tokens is encoded on its own, as transformers' legacy Llama tokenizers do
+    assert ids == [sp_tok.bos_id, *sp_tok.encode("user: <step> said "), step, *sp_tok.encode(" ")]
