@@ -156,10 +156,10 @@ class Llama(nnx.Module):
             x_BTD = block(x_BTD, positions_BT)
         x_BTD = self.norm(x_BTD)
         if self.lm_head is None:
-            return jnp.einsum("BTD,VD->BTV", x_BTD, self.embed[...].astype(self.dtype), preferred_element_type=jnp.float32)
-        return jnp.einsum(
-            "BTD,DV->BTV", x_BTD, self.lm_head.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32
-        )
+            logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, self.embed[...].astype(self.dtype))
+        else:
+            logits_BTV = self.lm_head(x_BTD, "BTD,DV->BTV")
+        return logits_BTV.astype(jnp.float32)
 
 
 def abstract_model(config: LlamaConfig, *, param_dtype=jnp.float32, dtype=jnp.float32) -> Llama:

@@ -26,13 +26,15 @@ class Tokenizer:
         self.vocab_size = vocab_size
         self.special_tokens = dict(special_tokens)  # text -> id, for the control tokens
         self.special_ids = frozenset(special_tokens.values())
+        self._special_text = {i: t for t, i in special_tokens.items()}
         self.bos_id = bos_id
         self.eos_id = eos_id
         by_length = sorted(special_tokens, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, by_length))) if by_length else None
 
-    def token_text(self, token_id: int) -> str | None:
-        return next((t for t, i in self.special_tokens.items() if i == token_id), None)
+    def token_text(self, token_id: int | None) -> str | None:
+        """The text of a special token (None for other ids)."""
+        return self._special_text.get(token_id)
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         """Token ids of plain text; special-token text in it stays text."""
