@@ -45,9 +45,14 @@ def test_builtin_templates_render_like_transformers(template, conversation, hf_t
     assert ours == expected
 
 
+@pytest.fixture(scope="module")
+def smollm2_template(smollm2_gguf):
+    return GGUFCheckpoint(smollm2_gguf).chat_template
+
+
 @pytest.mark.parametrize("conversation", list(CONVERSATIONS))
-def test_smollm2_own_template_renders_like_transformers(conversation, smollm2_gguf, hf_tokenizer):
-    source = GGUFCheckpoint(smollm2_gguf).chat_template
+def test_smollm2_own_template_renders_like_transformers(conversation, smollm2_template, hf_tokenizer):
+    source = smollm2_template
     messages = CONVERSATIONS[conversation]
     expected = hf_tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False, add_generation_prompt=True)
     assert ChatTemplate(source, bos_token="<s>", eos_token="</s>").render(messages) == expected
