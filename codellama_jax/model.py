@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from codellama_jax.config import LlamaConfig
+from codellama_jax.kv_cache import KVCache
 
 _INIT = nnx.initializers.normal(0.02)
 
@@ -93,14 +94,26 @@ class Attention(nnx.Module):
         self.o_proj = Proj((N, H, D), ("heads", "head_dim", "embed"), **kw)
         self.config = config
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    def __call__(
+        self, x_BTD: jax.Array, positions_BT: jax.Array, kv: tuple[jax.Array, jax.Array] | None
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Without a cache (`kv` None) the tokens attend to each other causally and their keys and
+        values are returned; with one (`[B, S, K, H]` each) they are written at their positions
+        and the tokens attend to every cached position up to their own."""
         inv_freq = rope_inv_freq(self.config)
         q_BTNH = apply_rope(self.q_proj(x_BTD, "BTD,DNH->BTNH"), positions_BT, inv_freq)
         k_BTKH = apply_rope(self.k_proj(x_BTD, "BTD,DKH->BTKH"), positions_BT, inv_freq)
         v_BTKH = self.v_proj(x_BTD, "BTD,DKH->BTKH")
-        causal_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
-        out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, causal_BTS)
-        return self.o_proj(out_BTNH, "BTNH,NHD->BTD")
+        if kv is None:
+            k_BSKH, v_BSKH = k_BTKH, v_BTKH
+            mask_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
+        else:
+            rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
+            k_BSKH = kv[0].at[rows_B1, positions_BT].set(k_BTKH.astype(kv[0].dtype))
+            v_BSKH = kv[1].at[rows_B1, positions_BT].set(v_BTKH.astype(kv[1].dtype))
+            mask_BTS = jnp.arange(k_BSKH.shape[1])[None, None, :] <= positions_BT[:, :, None]
+        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+        return self.o_proj(out_BTNH, "BTNH,NHD->BTD"), (k_BSKH, v_BSKH)
 
 
 class MLP(nnx.Module):
@@ -125,9 +138,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.dim, config.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(config, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
-        h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
-        return h_BTD + self.mlp(self.mlp_norm(h_BTD))
+    def __call__(self, x_BTD, positions_BT, kv):
+        attn_BTD, kv = self.attn(self.attn_norm(x_BTD), positions_BT, kv)
+        h_BTD = x_BTD + attn_BTD
+        return h_BTD + self.mlp(self.mlp_norm(h_BTD)), kv
 
 
 class Llama(nnx.Module):
@@ -151,10 +165,23 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
         """Float32 logits `[B, T, V]` for tokens at the given positions (causal over positions)."""
+        return self.head(self.hidden(tokens_BT, positions_BT)[0])
+
+    def hidden(
+        self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        """Final-norm hidden states `[B, T, D]` and the cache: the tokens' own keys and values
+        (`[B, T, K, H]` per layer) without a cache, else the given cache with them written in."""
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
-        for block in self.layers:
-            x_BTD = block(x_BTD, positions_BT)
-        x_BTD = self.norm(x_BTD)
+        ks, vs = [], []
+        for i, block in enumerate(self.layers):
+            x_BTD, (k, v) = block(x_BTD, positions_BT, None if cache is None else (cache.k[i], cache.v[i]))
+            ks.append(k)
+            vs.append(v)
+        return self.norm(x_BTD), KVCache(tuple(ks), tuple(vs))
+
+    def head(self, x_BTD: jax.Array) -> jax.Array:
+        """Float32 logits of hidden states (the tied embedding or lm_head)."""
         if self.lm_head is None:
             logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, self.embed[...].astype(self.dtype))
         else:

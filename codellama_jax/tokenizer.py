@@ -22,8 +22,11 @@ Span = tuple[int, int]
 class Tokenizer:
     """Shared behaviour; backends implement `_encode_plain`, `_decode` and `save`."""
 
-    def __init__(self, vocab_size: int, special_tokens: dict[str, int], bos_id: int | None, eos_id: int | None):
+    def __init__(
+        self, vocab_size: int, special_tokens: dict[str, int], bos_id: int | None, eos_id: int | None, add_bos: bool
+    ):
         self.vocab_size = vocab_size
+        self.add_bos = add_bos and bos_id is not None  # whether a plain-text prompt starts with BOS
         self.special_tokens = dict(special_tokens)  # text -> id, for the control tokens
         self.special_ids = frozenset(special_tokens.values())
         self._special_text = {i: t for t, i in special_tokens.items()}
@@ -78,7 +81,9 @@ class Tokenizer:
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model plus the added tokens of `tokenizer_config.json` (CodeLlama's `<step>`)."""
 
-    def __init__(self, model_proto: bytes, added_tokens: dict[str, tuple[int, bool]] | None = None):
+    def __init__(
+        self, model_proto: bytes, added_tokens: dict[str, tuple[int, bool]] | None = None, add_bos: bool = True
+    ):
         self.proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         spec = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
@@ -94,20 +99,19 @@ class SentencePieceTokenizer(Tokenizer):
         self._spell_out = self._user_defined & set(specials.values())
         size = max([n - 1, *(i for i, _ in self.added_tokens.values())]) + 1
         bos, eos = self.sp.bos_id(), self.sp.eos_id()
-        super().__init__(size, specials, bos if bos >= 0 else None, eos if eos >= 0 else None)
+        super().__init__(size, specials, bos if bos >= 0 else None, eos if eos >= 0 else None, add_bos)
 
     @classmethod
     def from_directory(cls, path: Path) -> SentencePieceTokenizer:
         added: dict[str, tuple[int, bool]] = {}
-        config_file = path / "tokenizer_config.json"
-        if config_file.is_file():
-            for token_id, entry in json.loads(config_file.read_text()).get("added_tokens_decoder", {}).items():
-                added[entry["content"]] = (int(token_id), bool(entry.get("special", False)))
+        config = _read_json(path / "tokenizer_config.json")
+        for token_id, entry in config.get("added_tokens_decoder", {}).items():
+            added[entry["content"]] = (int(token_id), bool(entry.get("special", False)))
         added_file = path / "added_tokens.json"
         if added_file.is_file():
             for text, token_id in json.loads(added_file.read_text()).items():
                 added.setdefault(text, (int(token_id), True))
-        return cls((path / "tokenizer.model").read_bytes(), added)
+        return cls((path / "tokenizer.model").read_bytes(), added, bool(config.get("add_bos_token", True)))
 
     def _encode_plain(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -149,9 +153,10 @@ class SentencePieceTokenizer(Tokenizer):
         _merge_json(
             directory / "tokenizer_config.json",
             {
+                "add_bos_token": self.add_bos,
                 "added_tokens_decoder": {
                     str(i): {"content": t, "special": special} for t, (i, special) in self.added_tokens.items()
-                }
+                },
             },
         )
 
@@ -159,7 +164,13 @@ class SentencePieceTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` (a `tokenizer.json`, or one built from a GGUF vocabulary)."""
 
-    def __init__(self, tok: tokenizers.Tokenizer, bos_token: str | None = None, eos_token: str | None = None):
+    def __init__(
+        self,
+        tok: tokenizers.Tokenizer,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        add_bos: bool = False,
+    ):
         self.tok = tok
         self.tok.encode_special_tokens = True  # we split special tokens ourselves
         added = tok.get_added_tokens_decoder()
@@ -169,6 +180,7 @@ class HFTokenizer(Tokenizer):
             specials,
             tok.token_to_id(bos_token) if bos_token else None,
             tok.token_to_id(eos_token) if eos_token else None,
+            add_bos,
         )
 
     @classmethod
@@ -178,6 +190,7 @@ class HFTokenizer(Tokenizer):
             tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")),
             _token_content(config.get("bos_token")),
             _token_content(config.get("eos_token")),
+            bool(config.get("add_bos_token", False)),
         )
 
     def _encode_plain(self, text: str) -> list[int]:
@@ -191,7 +204,11 @@ class HFTokenizer(Tokenizer):
         self.tok.save(str(directory / "tokenizer.json"))
         _merge_json(
             directory / "tokenizer_config.json",
-            {"bos_token": self.token_text(self.bos_id), "eos_token": self.token_text(self.eos_id)},
+            {
+                "bos_token": self.token_text(self.bos_id),
+                "eos_token": self.token_text(self.eos_id),
+                "add_bos_token": self.add_bos,
+            },
         )
 
 
@@ -236,6 +253,52 @@ class IncrementalDetokenizer:
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return full_text[len(prefix_text) :]
+
+
+class TextStream:
+    """Generated tokens to text with stop strings applied, for streaming and for final text.
+
+    Text is released only once no stop string can begin in it, so a stream never shows part of a
+    stop string; a matched stop string and everything after it are dropped, as OpenAI does.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), stop: Sequence[str] = ()):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stop = tuple(stop)
+        self.text = ""  # released so far
+        self.stopped = False  # a stop string was found
+        self._pending = ""
+
+    def push(self, token_id: int) -> str:
+        """Text released by this token."""
+        if self.stopped:
+            return ""
+        self._pending += self.detokenizer.push(token_id)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text, at the end of generation."""
+        if not self.stopped:
+            self._pending += self.detokenizer.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        found = [i for i in (self._pending.find(s) for s in self.stop) if i >= 0]
+        if found:
+            out, self._pending, self.stopped = self._pending[: min(found)], "", True
+        else:
+            held = 0 if final else self._stop_prefix_length()
+            out = self._pending[: len(self._pending) - held]
+            self._pending = self._pending[len(out) :]
+        self.text += out
+        return out
+
+    def _stop_prefix_length(self) -> int:
+        """Length of the longest end of the pending text that could begin a stop string."""
+        for k in range(min(len(self._pending), max(map(len, self.stop), default=1) - 1), 0, -1):
+            if any(s.startswith(self._pending[-k:]) for s in self.stop):
+                return k
+        return 0
 
 
 def _read_json(path: Path) -> dict:

@@ -151,9 +151,15 @@ class GGUFCheckpoint:
             tok.add_special_tokens(
                 [tokenizers.AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
             )
-            return HFTokenizer(tok, tokens[bos] if bos is not None else None, tokens[eos] if eos is not None else None)
+            return HFTokenizer(
+                tok,
+                tokens[bos] if bos is not None else None,
+                tokens[eos] if eos is not None else None,
+                add_bos=bool(self._field("tokenizer.ggml.add_bos_token", False)),
+            )
         if kind == "llama":
-            return SentencePieceTokenizer(self._sentencepiece_proto(tokens, types, bos, eos))
+            proto = self._sentencepiece_proto(tokens, types, bos, eos)
+            return SentencePieceTokenizer(proto, add_bos=bool(self._field("tokenizer.ggml.add_bos_token", True)))
         raise ValueError(f"{self.path}: unsupported tokenizer model {kind!r} (supported: 'gpt2', 'llama')")
 
     def _sentencepiece_proto(self, tokens, types, bos, eos) -> bytes:

@@ -1,0 +1,328 @@
+"""Generation: jitted prefill and decode steps over a KV cache, and the library API.
+
+`prefill` runs a batch of right-padded prompts (length padded to a power-of-two bucket) and
+fills a cache; `decode_step` samples one token per row, records it, and runs the model on it;
+`decode_loop` repeats the step inside `jax.lax.while_loop` until every row is done or a step
+budget is spent, so a batch generates without a host round trip per token. The cache and state
+buffers are donated to each decode call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from codellama_jax.kv_cache import KVCache
+from codellama_jax.loader import Model
+from codellama_jax.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingParams, sample
+from codellama_jax.tokenizer import TextStream
+
+Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]]
+
+RUNNING, STOPPED, LENGTH = 0, 1, 2
+FINISH_REASONS = {STOPPED: "stop", LENGTH: "length"}
+STOP_STRING_CHUNK = 16  # decode steps between host checks of stop strings
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]]  # (token id, text, logprob), most likely first
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    index: int = 0  # which of the n samples of its prompt
+    prompt_index: int = 0
+
+
+class DecodeState(NamedTuple):
+    """Everything that changes from one decode step to the next, per row."""
+
+    cache: KVCache
+    logits_BV: jax.Array  # model logits for the next token
+    positions_B: jax.Array  # cache position of the next token
+    counts_BV: jax.Array  # how often each token was generated (presence/frequency penalties)
+    seen_BV: jax.Array  # tokens in prompt or output (repetition penalty)
+    generated_B: jax.Array
+    max_new_B: jax.Array
+    finish_B: jax.Array  # RUNNING, STOPPED or LENGTH
+    tokens_BN: jax.Array
+    logprobs_BN: jax.Array
+    top_ids_BNK: jax.Array  # K is 0 when no row asked for top logprobs
+    top_logprobs_BNK: jax.Array
+
+
+def _prefill(graphdef, cache_len, top_k, max_new, params, tokens_BT, lengths_B, max_new_B):
+    """Runs the prompts and returns the initial decode state."""
+    model = nnx.merge(graphdef, params)
+    B, T = tokens_BT.shape
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    x_BTD, prompt_kv = model.hidden(tokens_BT, positions_BT)
+    last_BD = x_BTD[jnp.arange(B), lengths_B - 1]
+    logits_BV = model.head(last_BD[:, None])[:, 0]
+    V = logits_BV.shape[-1]
+    cache = KVCache.zeros(model.config, B, cache_len, model.dtype).insert(prompt_kv)
+    in_prompt_BT = jnp.arange(T)[None, :] < lengths_B[:, None]
+    seen_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], tokens_BT].max(in_prompt_BT)
+    return DecodeState(
+        cache=cache,
+        logits_BV=logits_BV,
+        positions_B=lengths_B.astype(jnp.int32),
+        counts_BV=jnp.zeros((B, V), jnp.int32),
+        seen_BV=seen_BV,
+        generated_B=jnp.zeros(B, jnp.int32),
+        max_new_B=max_new_B,
+        finish_B=jnp.where(max_new_B > 0, RUNNING, LENGTH).astype(jnp.int32),
+        tokens_BN=jnp.zeros((B, max_new), jnp.int32),
+        logprobs_BN=jnp.zeros((B, max_new), jnp.float32),
+        top_ids_BNK=jnp.zeros((B, max_new, top_k), jnp.int32),
+        top_logprobs_BNK=jnp.zeros((B, max_new, top_k), jnp.float32),
+    )
+
+
+def decode_step(model, state: DecodeState, sampling: SamplingArrays, stop_ids) -> DecodeState:
+    """Samples a token for every running row, records it, and runs the model on it."""
+    B, N = state.tokens_BN.shape
+    rows_B = jnp.arange(B)
+    token_B = sample(state.logits_BV, sampling, state.counts_BV, state.seen_BV, state.positions_B)
+    logprobs_BV = jax.nn.log_softmax(state.logits_BV, axis=-1)
+    running_B = state.finish_B == RUNNING
+    is_stop_B = jnp.isin(token_B, stop_ids)
+    keep_B = running_B & ~is_stop_B  # stop tokens end a row without becoming part of its output
+    slot_B = jnp.where(keep_B, state.generated_B, N)  # out of bounds: the write is dropped
+    generated_B = state.generated_B + keep_B
+    finish_B = jnp.where(running_B & is_stop_B, STOPPED, state.finish_B)
+    finish_B = jnp.where((finish_B == RUNNING) & (generated_B >= state.max_new_B), LENGTH, finish_B)
+    top_ids_BNK, top_logprobs_BNK = state.top_ids_BNK, state.top_logprobs_BNK
+    if top_ids_BNK.shape[-1]:
+        top_lp_BK, top_id_BK = jax.lax.top_k(logprobs_BV, top_ids_BNK.shape[-1])
+        top_ids_BNK = top_ids_BNK.at[rows_B, slot_B].set(top_id_BK, mode="drop")
+        top_logprobs_BNK = top_logprobs_BNK.at[rows_B, slot_B].set(top_lp_BK, mode="drop")
+    positions_B = jnp.minimum(state.positions_B, state.cache.length - 1)
+    x_B1D, cache = model.hidden(token_B[:, None], positions_B[:, None], state.cache)
+    return DecodeState(
+        cache=cache,
+        logits_BV=model.head(x_B1D)[:, 0],
+        positions_B=state.positions_B + keep_B,
+        counts_BV=state.counts_BV.at[rows_B, token_B].add(keep_B.astype(jnp.int32)),
+        seen_BV=state.seen_BV.at[rows_B, token_B].max(keep_B),
+        generated_B=generated_B,
+        max_new_B=state.max_new_B,
+        finish_B=finish_B,
+        tokens_BN=state.tokens_BN.at[rows_B, slot_B].set(token_B, mode="drop"),
+        logprobs_BN=state.logprobs_BN.at[rows_B, slot_B].set(logprobs_BV[rows_B, token_B], mode="drop"),
+        top_ids_BNK=top_ids_BNK,
+        top_logprobs_BNK=top_logprobs_BNK,
+    )
+
+
+def _decode_loop(graphdef, params, state, sampling, stop_ids, max_steps):
+    model = nnx.merge(graphdef, params)
+
+    def running(carry):
+        state, step = carry
+        return (step < max_steps) & jnp.any(state.finish_B == RUNNING)
+
+    def step(carry):
+        state, step = carry
+        return decode_step(model, state, sampling, stop_ids), step + 1
+
+    return jax.lax.while_loop(running, step, (state, jnp.int32(0)))[0]
+
+
+prefill = jax.jit(_prefill, static_argnums=(0, 1, 2, 3))
+decode_loop = jax.jit(_decode_loop, static_argnums=(0,), donate_argnums=(2,))
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Sizes are padded to powers of two so that the number of compiles stays small."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def prompt_ids(model: Model, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt: text (BOS added as the tokenizer does), chat messages (the model's
+    chat template), or token ids as they are."""
+    if isinstance(prompt, str):
+        tokenizer = _tokenizer(model)
+        return tokenizer.encode(prompt, add_bos=tokenizer.add_bos)
+    if len(prompt) and isinstance(prompt[0], Mapping):
+        _tokenizer(model)
+        return model.chat_template.encode(model.tokenizer, prompt)
+    ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
+    bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {model.config.vocab_size})")
+    return ids
+
+
+def _tokenizer(model: Model):
+    if model.tokenizer is None:
+        raise ValueError("this checkpoint has no tokenizer (tokenizer.model or tokenizer.json); pass token ids")
+    return model.tokenizer
+
+
+def max_new_tokens(model: Model, prompt_len: int, max_tokens: int | None) -> int:
+    """Tokens a request may generate; a request that cannot fit the context window is refused."""
+    context = model.config.max_seq_len
+    if prompt_len == 0:
+        raise ValueError("the prompt is empty")
+    if prompt_len >= context:
+        raise ValueError(f"the prompt has {prompt_len} tokens, the model's context window is {context} tokens")
+    if max_tokens is None:
+        return context - prompt_len
+    if prompt_len + max_tokens > context:
+        raise ValueError(
+            f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: {prompt_len + max_tokens} "
+            f"tokens exceed the model's context window of {context} tokens"
+        )
+    return max_tokens
+
+
+class _Batch:
+    """A batch of rows (prompt x sample) prefilled and ready to decode."""
+
+    def __init__(self, model: Model, prompts: Sequence[list[int]], params: SamplingParams):
+        if not prompts:
+            raise ValueError("no prompts given")
+        self.model = model
+        self.params = params
+        self.rows = [(p, ids, i) for p, ids in enumerate(prompts) for i in range(params.n)]
+        max_new = [max_new_tokens(model, len(ids), params.max_tokens) for _, ids, _ in self.rows]
+        context = model.config.max_seq_len
+        B = bucket(len(self.rows), minimum=1)
+        T = min(bucket(max(len(ids) for _, ids, _ in self.rows)), context)
+        cache_len = max(T, min(bucket(max(len(ids) + n for (_, ids, _), n in zip(self.rows, max_new))), context))
+        tokens_BT = np.zeros((B, T), np.int32)
+        lengths_B = np.ones(B, np.int32)
+        max_new_B = np.zeros(B, np.int32)
+        for b, ((_, ids, _), n) in enumerate(zip(self.rows, max_new)):
+            tokens_BT[b, : len(ids)] = ids
+            lengths_B[b], max_new_B[b] = len(ids), n
+        top_k = MAX_TOP_LOGPROBS if params.top_logprobs else 0
+        max_new_bucket = min(bucket(max(max_new)), context)
+        self.state = prefill(
+            model.graphdef, cache_len, top_k, max_new_bucket, model.params, tokens_BT, lengths_B, max_new_B
+        )
+        padding = [(SamplingParams(temperature=0.0), 0)] * (B - len(self.rows))
+        self.sampling = SamplingArrays.build([(params, i) for _, _, i in self.rows] + padding, model.config.vocab_size)
+        self.stop_ids = jnp.asarray(model.stop_token_ids or (-1,), jnp.int32)
+        self._fed = [0] * len(self.rows)  # tokens of each row already pushed to its text stream
+
+    def decode(self, max_steps: int) -> None:
+        self.state = decode_loop(self.model.graphdef, self.model.params, self.state, self.sampling, self.stop_ids, max_steps)
+
+    def stop_rows(self, rows: Sequence[int]) -> None:
+        """Ends rows on the host's word (a stop string was found)."""
+        self.state = self.state._replace(finish_B=self.state.finish_B.at[jnp.asarray(rows)].set(STOPPED))
+
+    def running(self) -> bool:
+        return bool(jnp.any(self.state.finish_B == RUNNING))
+
+    def feed(self, streams: Sequence[TextStream]) -> list[int]:
+        """Pushes the tokens generated since the last call into each row's text stream; returns
+        the rows whose stream has just found a stop string."""
+        tokens_BN, generated_B = jax.device_get((self.state.tokens_BN, self.state.generated_B))
+        stopped = []
+        for r, stream in enumerate(streams):
+            if stream is None:  # no tokenizer: token ids only
+                continue
+            was_stopped = stream.stopped
+            for token in tokens_BN[r, self._fed[r] : generated_B[r]]:
+                stream.push(int(token))
+            self._fed[r] = int(generated_B[r])
+            if stream.stopped and not was_stopped:
+                stopped.append(r)
+        return stopped
+
+
+def generate(model: Model, prompts: Sequence[Prompt], **sampling: Any) -> list[Completion]:
+    """Completions of a batch of prompts (text, token ids, or chat messages), `n` per prompt,
+    in prompt order. Sampling settings are those of `SamplingParams` (the contract's fields).
+
+    The decode loop runs on the device until every row is done; with stop strings it returns to
+    the host every few steps to look for them in the text.
+    """
+    params = SamplingParams(**sampling)
+    batch = _Batch(model, [prompt_ids(model, p) for p in prompts], params)
+    if params.stop or params.logprobs:
+        _tokenizer(model)
+    streams = [TextStream(model.tokenizer, ids, params.stop) if model.tokenizer else None for _, ids, _ in batch.rows]
+    if not params.stop:
+        batch.decode(batch.state.tokens_BN.shape[1])
+    while params.stop and batch.running():
+        batch.decode(STOP_STRING_CHUNK)
+        stopped = batch.feed(streams)
+        if stopped:
+            batch.stop_rows(stopped)
+    batch.feed(streams)
+    return _completions(model, batch, streams)
+
+
+def _completions(model: Model, batch: _Batch, streams: list[TextStream]) -> list[Completion]:
+    state = jax.device_get(batch.state)
+    tokenizer = model.tokenizer
+    out = []
+    for r, ((p, ids, i), stream) in enumerate(zip(batch.rows, streams)):
+        n = int(state.generated_B[r])
+        tokens = [int(t) for t in state.tokens_BN[r, :n]]
+        if stream is not None:
+            stream.finish()
+        logprobs = None
+        if batch.params.logprobs:
+            logprobs = [
+                TokenLogprob(
+                    t,
+                    tokenizer.decode([t], skip_special_tokens=False, continuation=True),
+                    float(state.logprobs_BN[r, j]),
+                    [
+                        (int(k), tokenizer.decode([int(k)], skip_special_tokens=False, continuation=True), float(lp))
+                        for k, lp in zip(state.top_ids_BNK[r, j], state.top_logprobs_BNK[r, j])
+                    ][: batch.params.top_logprobs],
+                )
+                for j, t in enumerate(tokens)
+            ]
+        stopped_by_text = stream is not None and stream.stopped
+        reason = "stop" if stopped_by_text else FINISH_REASONS[int(state.finish_B[r])]
+        text = stream.text if stream is not None else ""
+        out.append(Completion(text, tokens, reason, len(ids), n, logprobs, index=i, prompt_index=p))
+    return out
+
+
+def stream(model: Model, prompt: Prompt, **sampling: Any) -> Iterator[str]:
+    """Text deltas of one completion as they are decoded (stop strings never shown in part)."""
+    params = SamplingParams(**sampling)
+    if params.n != 1:
+        raise ValueError("stream() produces one completion; use generate() for n > 1")
+    ids = prompt_ids(model, prompt)
+    batch = _Batch(model, [ids], params)
+    text = TextStream(_tokenizer(model), ids, params.stop)
+    while batch.running() and not text.stopped:
+        batch.decode(1)
+        released = len(text.text)
+        batch.feed([text])
+        if len(text.text) > released:
+            yield text.text[released:]
+    if tail := text.finish():
+        yield tail
+
+
+def chat(model: Model, messages: Sequence[Mapping[str, Any]], **sampling: Any) -> Completion:
+    """One completion of a conversation, with the model's chat template."""
+    if sampling.get("n", 1) != 1:
+        raise ValueError("chat() returns one completion; use generate([messages], n=...) for several")
+    return generate(model, [messages], **sampling)[0]

@@ -1,0 +1,205 @@
+"""Sampling controls of the chat-completions contract, implemented once, per row, inside jit.
+
+`SamplingParams` is what a caller asks for (validated on the host); `SamplingArrays` holds the
+same values for a whole batch as device arrays, so one compiled step serves any mix of requests.
+Processors follow transformers' semantics (repetition penalty over prompt and output, then
+temperature, top-k, top-p, min-p) and OpenAI's formula for presence/frequency penalties:
+`logit -= presence * (count > 0) + frequency * count`, over generated tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_SEED = 2**63 - 1
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling settings, with the contract's defaults and ranges."""
+
+    max_tokens: int | None = None  # None: the rest of the context window
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        _check_range("temperature", self.temperature, 0.0, 2.0)
+        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        _check_int("top_k", self.top_k, 0, 999)
+        _check_range("repetition_penalty", self.repetition_penalty, 0.01, 5.0)
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_int("n", self.n, 1, 4)
+        _check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 0, 1_000_000)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, MAX_SEED)
+        if len(self.stop) > 16 or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("stop must be a non-empty string or a list of at most 16 non-empty strings")
+        for token, bias in (self.logit_bias or {}).items():
+            if not isinstance(token, (int, np.integer)) or isinstance(token, bool):
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            _check_range(f"logit_bias[{token}]", bias, -100.0, 100.0)
+
+
+def _check_range(name, value, low, high, *, low_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if value > high or value < low or (low_open and value == low):
+        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+
+
+def _check_int(name, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+class SamplingArrays(NamedTuple):
+    """Per-row sampling settings of a batch, as arrays (`[B]`, or `[B, V]` for the bias)."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
+    logit_bias: jax.Array
+    key: jax.Array  # [B, 2] uint32 raw PRNG keys: seed and sample index folded in
+
+    @classmethod
+    def build(cls, rows: Sequence[tuple[SamplingParams, int]], vocab_size: int) -> SamplingArrays:
+        """From (params, sample index) per row. Rows without a seed get fresh randomness."""
+        bias = np.zeros((len(rows), vocab_size), np.float32)
+        keys = []
+        for b, (p, index) in enumerate(rows):
+            for token, value in (p.logit_bias or {}).items():
+                if not 0 <= token < vocab_size:
+                    raise ValueError(f"logit_bias names token {token}, outside the vocabulary [0, {vocab_size})")
+                bias[b, token] = value
+            seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") & MAX_SEED
+            key = jax.random.fold_in(jax.random.key(seed & 0xFFFFFFFF), seed >> 32)  # all 63 bits count
+            keys.append(np.asarray(jax.random.key_data(jax.random.fold_in(key, index))))
+
+        def col(name, dtype):
+            return jnp.asarray(np.array([getattr(p, name) for p, _ in rows], dtype))
+
+        return cls(
+            temperature=col("temperature", np.float32),
+            top_k=col("top_k", np.int32),
+            top_p=col("top_p", np.float32),
+            min_p=col("min_p", np.float32),
+            repetition_penalty=col("repetition_penalty", np.float32),
+            presence_penalty=col("presence_penalty", np.float32),
+            frequency_penalty=col("frequency_penalty", np.float32),
+            logit_bias=jnp.asarray(bias),
+            key=jnp.asarray(np.stack(keys)),
+        )
+
+
+# Each processor takes float32 logits [B, V] and per-row settings, and keeps rows whose setting
+# is the neutral value unchanged.
+
+
+def apply_repetition_penalty(logits_BV, seen_BV, penalty_B):
+    """transformers' RepetitionPenaltyLogitsProcessor: seen tokens' logits divided by the penalty
+    when positive, multiplied when negative."""
+    p = penalty_B[:, None]
+    return jnp.where(seen_BV, jnp.where(logits_BV > 0, logits_BV / p, logits_BV * p), logits_BV)
+
+
+def apply_presence_frequency(logits_BV, counts_BV, presence_B, frequency_B):
+    """OpenAI: `logit -= presence * (count > 0) + frequency * count` over generated tokens."""
+    counts = counts_BV.astype(jnp.float32)
+    return logits_BV - presence_B[:, None] * (counts > 0) - frequency_B[:, None] * counts
+
+
+def apply_temperature(logits_BV, temperature_B):
+    """Divides by the temperature; rows with temperature 0 (greedy) are left as they are."""
+    t = temperature_B[:, None]
+    return jnp.where(t > 0, logits_BV / jnp.where(t > 0, t, 1.0), logits_BV)
+
+
+def _sorted_desc(logits_BV):
+    return -jnp.sort(-logits_BV, axis=-1)
+
+
+def apply_top_k(logits_BV, top_k_B):
+    """Keeps the k largest logits (and ties with the k-th); k = 0 keeps all."""
+
+    def limit(logits_BV):
+        kth = jnp.clip(top_k_B - 1, 0, logits_BV.shape[-1] - 1)
+        threshold_B1 = jnp.take_along_axis(_sorted_desc(logits_BV), kth[:, None], axis=-1)
+        return jnp.where((top_k_B[:, None] > 0) & (logits_BV < threshold_B1), -jnp.inf, logits_BV)
+
+    return jax.lax.cond(jnp.any(top_k_B > 0), limit, lambda x: x, logits_BV)
+
+
+def apply_top_p(logits_BV, top_p_B):
+    """Nucleus: keeps the most likely tokens whose probability mass before them is below p."""
+
+    def limit(logits_BV):
+        sorted_BV = _sorted_desc(logits_BV)
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+        keep_BV = (mass_before_BV < top_p_B[:, None]).at[:, 0].set(True)
+        threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where((top_p_B[:, None] < 1.0) & (logits_BV < threshold_B1), -jnp.inf, logits_BV)
+
+    return jax.lax.cond(jnp.any(top_p_B < 1.0), limit, lambda x: x, logits_BV)
+
+
+def apply_min_p(logits_BV, min_p_B):
+    """Drops tokens less likely than min_p times the most likely one."""
+    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+    cutoff_B1 = min_p_B[:, None] * jnp.max(probs_BV, axis=-1, keepdims=True)
+    return jnp.where(probs_BV < cutoff_B1, -jnp.inf, logits_BV)
+
+
+def process(logits_BV, s: SamplingArrays, counts_BV, seen_BV):
+    """All processors in order: bias, penalties, temperature, top-k, top-p, min-p."""
+    logits_BV = logits_BV + s.logit_bias
+    logits_BV = apply_repetition_penalty(logits_BV, seen_BV, s.repetition_penalty)
+    logits_BV = apply_presence_frequency(logits_BV, counts_BV, s.presence_penalty, s.frequency_penalty)
+    logits_BV = apply_temperature(logits_BV, s.temperature)
+    logits_BV = apply_top_k(logits_BV, s.top_k)
+    logits_BV = apply_top_p(logits_BV, s.top_p)
+    return apply_min_p(logits_BV, s.min_p)
+
+
+def sample(logits_BV, s: SamplingArrays, counts_BV, seen_BV, positions_B):
+    """Next token per row: argmax where temperature is 0, else a draw from the processed
+    distribution with the row's key folded with the position (same seed, same tokens)."""
+    processed_BV = process(logits_BV, s, counts_BV, seen_BV)
+
+    def draw(key, position, row_logits):
+        return jax.random.categorical(jax.random.fold_in(jax.random.wrap_key_data(key), position), row_logits)
+
+    drawn_B = jax.vmap(draw)(s.key, positions_B, processed_BV)
+    return jnp.where(s.temperature > 0, drawn_B, jnp.argmax(processed_BV, axis=-1)).astype(jnp.int32)

@@ -1,0 +1,161 @@
+"""Each logits processor against transformers' (or OpenAI's formula), seeded determinism, and the
+sampled frequencies against the processed distribution."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from transformers.generation import logits_process as hf
+
+from codellama_jax.sampling import (
+    SamplingArrays,
+    SamplingParams,
+    apply_min_p,
+    apply_presence_frequency,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    sample,
+)
+
+V = 64
+ROWS = 4
+
+
+@pytest.fixture(scope="module")
+def logits():
+    return np.random.default_rng(0).normal(0, 3, (ROWS, V)).astype(np.float32)
+
+
+def _hf_rows(processor_for_row, logits, input_ids=None):
+    ids = torch.zeros((1, 1), dtype=torch.long) if input_ids is None else None
+    out = []
+    for b in range(ROWS):
+        row_ids = ids if input_ids is None else torch.tensor(input_ids[b : b + 1])
+        out.append(processor_for_row(b)(row_ids, torch.tensor(logits[b : b + 1])).numpy()[0])
+    return np.stack(out)
+
+
+def _assert_same(ours, expected):
+    ours = np.asarray(ours)
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(ours[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_temperature(logits):
+    t = np.array([0.5, 1.0, 1.7, 0.2], np.float32)
+    expected = _hf_rows(lambda b: hf.TemperatureLogitsWarper(float(t[b])), logits)
+    _assert_same(apply_temperature(jnp.asarray(logits), jnp.asarray(t)), expected)
+
+
+def test_top_k(logits):
+    k = np.array([1, 5, 0, 63], np.int32)
+    expected = _hf_rows(lambda b: hf.TopKLogitsWarper(int(k[b])) if k[b] else (lambda i, s: s), logits)
+    _assert_same(apply_top_k(jnp.asarray(logits), jnp.asarray(k)), expected)
+
+
+def test_top_p(logits):
+    p = np.array([0.1, 0.5, 0.9, 1.0], np.float32)
+    expected = _hf_rows(lambda b: hf.TopPLogitsWarper(float(p[b])), logits)
+    _assert_same(apply_top_p(jnp.asarray(logits), jnp.asarray(p)), expected)
+
+
+def test_min_p(logits):
+    m = np.array([0.0, 0.05, 0.3, 1.0], np.float32)
+    expected = _hf_rows(lambda b: hf.MinPLogitsWarper(float(m[b])) if m[b] else (lambda i, s: s), logits)
+    _assert_same(apply_min_p(jnp.asarray(logits), jnp.asarray(m)), expected)
+
+
+def test_repetition_penalty(logits):
+    penalty = np.array([1.0, 1.3, 0.7, 5.0], np.float32)
+    history = np.random.default_rng(1).integers(0, V, (ROWS, 12))
+    seen = np.zeros((ROWS, V), bool)
+    np.put_along_axis(seen, history, True, axis=1)
+    expected = _hf_rows(lambda b: hf.RepetitionPenaltyLogitsProcessor(float(penalty[b])), logits, history)
+    _assert_same(apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), jnp.asarray(penalty)), expected)
+
+
+def test_presence_and_frequency_follow_openai_formula(logits):
+    counts = np.random.default_rng(2).integers(0, 4, (ROWS, V))
+    presence = np.array([0.0, 0.5, -1.0, 2.0], np.float32)
+    frequency = np.array([0.0, 0.3, 1.5, -2.0], np.float32)
+    # https://platform.openai.com/docs/advanced-usage: mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence
+    expected = logits - counts * frequency[:, None] - (counts > 0) * presence[:, None]
+    ours = apply_presence_frequency(jnp.asarray(logits), jnp.asarray(counts), jnp.asarray(presence), jnp.asarray(frequency))
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-6, atol=1e-5)
+
+
+_jit_sample = jax.jit(sample)
+
+
+def _sample(logits, params_per_row, position=0):
+    s = SamplingArrays.build([(p, 0) for p in params_per_row], V)
+    zeros = jnp.zeros((len(params_per_row), V), jnp.int32)
+    return np.asarray(_jit_sample(jnp.asarray(logits), s, zeros, zeros.astype(bool), jnp.full(len(params_per_row), position)))
+
+
+def test_top_k_1_is_greedy(logits):
+    rows = [SamplingParams(temperature=1.5, top_k=1, seed=i) for i in range(ROWS)]
+    np.testing.assert_array_equal(_sample(logits, rows), logits.argmax(-1))
+    np.testing.assert_array_equal(_sample(logits, [SamplingParams(temperature=0.0)] * ROWS), logits.argmax(-1))
+
+
+def test_seeded_sampling_repeats_and_unseeded_varies(logits):
+    flat = np.zeros((ROWS, V), np.float32)  # uniform: any two runs differing shows fresh randomness
+    seeded = [SamplingParams(seed=1234)] * ROWS
+    runs = [np.concatenate([_sample(flat, seeded, pos) for pos in range(8)]) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    unseeded = [np.concatenate([_sample(flat, [SamplingParams()] * ROWS, pos) for pos in range(8)]) for _ in range(2)]
+    assert not np.array_equal(unseeded[0], unseeded[1])
+
+
+def test_sample_frequencies_match_processed_distribution():
+    logits = np.random.default_rng(3).normal(0, 1.5, (1, V)).astype(np.float32)
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.02, seed=7)
+    s = SamplingArrays.build([(params, 0)], V)
+    zeros = jnp.zeros((1, V), jnp.int32)
+    draws = 20000
+    draw = jax.jit(jax.vmap(lambda pos: sample(jnp.asarray(logits), s, zeros, zeros.astype(bool), pos[None])[0]))
+    tokens = np.asarray(draw(jnp.arange(draws)))
+    processed = apply_min_p(
+        apply_top_p(apply_top_k(apply_temperature(jnp.asarray(logits), s.temperature), s.top_k), s.top_p), s.min_p
+    )
+    probs = np.asarray(jax.nn.softmax(processed, axis=-1))[0]
+    kept = probs > 0
+    observed = np.bincount(tokens, minlength=V)
+    assert observed[~kept].sum() == 0, "sampled a token the processors removed"
+    expected = probs[kept].astype(np.float64)
+    _, p_value = scipy.stats.chisquare(observed[kept], expected / expected.sum() * draws)
+    assert p_value > 1e-3, f"chi-square p = {p_value:.2e}"
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("temperature", 2.5, r"temperature must be in \[0.0, 2.0\]"),
+        ("top_p", 0.0, r"top_p must be in \(0.0, 1.0\]"),
+        ("top_k", 1000, r"top_k must be in \[0, 999\]"),
+        ("min_p", -0.1, "min_p"),
+        ("repetition_penalty", 0.0, "repetition_penalty"),
+        ("presence_penalty", 3, "presence_penalty"),
+        ("frequency_penalty", float("nan"), "frequency_penalty must be a number"),
+        ("n", 5, r"n must be in \[1, 4\]"),
+        ("seed", -1, "seed"),
+        ("seed", 2**63, "seed"),
+        ("max_tokens", -1, "max_tokens"),
+        ("top_logprobs", 21, "top_logprobs"),
+        ("stop", ["x"] * 17, "at most 16"),
+        ("stop", [""], "non-empty"),
+        ("logit_bias", {5: 101.0}, r"logit_bias\[5\]"),
+        ("temperature", "hot", "temperature must be a number"),
+    ],
+)
+def test_out_of_range_settings_are_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{field: value})
