@@ -1,0 +1,138 @@
+"""generate()/stream()/chat(): greedy parity with transformers' generate, stop strings, n, logprobs,
+the context-window error, and a bounded number of compiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from codellama_jax import load
+from codellama_jax.generate import bucket, chat, decode_loop, generate, prefill, stream
+
+from conftest import SP_VOCAB, write_hf_checkpoint
+
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, sp_dir):
+    """An MHA checkpoint; stop ids (eos) as transformers uses them."""
+    hf_dir = write_hf_checkpoint(tmp_path_factory.mktemp("gen") / "hf", sp_dir, rope_theta=1e4)
+    reference = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return load(hf_dir, dtype="float32"), reference
+
+
+def hf_greedy(reference, prompt: list[int], stop_ids, new_tokens=NEW_TOKENS) -> list[int]:
+    """transformers' greedy continuation, cut at (and without) the first stop token."""
+    with torch.no_grad():
+        out = reference.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens,
+            eos_token_id=list(stop_ids), pad_token_id=0,
+        )[0, len(prompt):].tolist()  # fmt: skip
+    for i, t in enumerate(out):
+        if t in stop_ids:
+            return out[:i]
+    return out
+
+
+PROMPTS = [[1, 5, 9, 200, 37], [1, *range(40, 73)], [1, 17]]
+
+
+def test_greedy_matches_transformers_batch_1_and_mixed_lengths(tiny):
+    model, reference = tiny
+    expected = [hf_greedy(reference, p, model.stop_token_ids) for p in PROMPTS]
+    single = generate(model, PROMPTS[:1], temperature=0.0, max_tokens=NEW_TOKENS)[0]
+    assert single.token_ids == expected[0]
+    batch = generate(model, PROMPTS, temperature=0.0, max_tokens=NEW_TOKENS)
+    for completion, want, prompt in zip(batch, expected, PROMPTS):
+        assert completion.token_ids == want
+        assert completion.prompt_tokens == len(prompt)
+        assert completion.finish_reason == ("length" if len(want) == NEW_TOKENS else "stop")
+
+
+def test_text_prompts_and_chat(tiny):
+    model, _ = tiny
+    by_text = generate(model, ["def add(a, b):"], temperature=0.0, max_tokens=8)[0]
+    ids = model.tokenizer.encode("def add(a, b):", add_bos=True)
+    assert by_text.token_ids == generate(model, [ids], temperature=0.0, max_tokens=8)[0].token_ids
+    messages = [{"role": "user", "content": "hello"}]
+    replied = chat(model, messages, temperature=0.0, max_tokens=8)
+    assert replied.prompt_tokens == len(model.chat_template.encode(model.tokenizer, messages))
+
+
+def test_n_samples_differ_and_a_seed_repeats(tiny):
+    model, _ = tiny
+    run = [generate(model, [PROMPTS[0]], n=4, seed=42, temperature=1.0, max_tokens=12) for _ in range(2)]
+    assert [c.index for c in run[0]] == [0, 1, 2, 3]
+    assert [c.token_ids for c in run[0]] == [c.token_ids for c in run[1]]
+    assert len({tuple(c.token_ids) for c in run[0]}) > 1
+
+
+def test_logprobs_add_up_to_the_sequence_likelihood(tiny):
+    model, _ = tiny
+    completion = generate(model, [PROMPTS[0]], temperature=0.9, seed=3, max_tokens=10, logprobs=True, top_logprobs=5)[0]
+    tokens = PROMPTS[0] + completion.token_ids
+    logits = model.logits([tokens])[0].astype(np.float64)
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    n = len(PROMPTS[0])
+    expected = [log_probs[n - 1 + j, t] for j, t in enumerate(completion.token_ids)]
+    ours = [lp.logprob for lp in completion.logprobs]
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+    for lp in completion.logprobs:
+        tops = [p for _, _, p in lp.top]
+        assert len(tops) == 5 and tops == sorted(tops, reverse=True) and lp.logprob <= tops[0] + 1e-6
+
+
+def test_context_overflow_names_both_lengths(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match=r"100 tokens and max_tokens is 40: 140 tokens exceed .* 128 tokens"):
+        generate(model, [[1] * 100], max_tokens=40)
+    with pytest.raises(ValueError, match="prompt has 130 tokens, the model's context window is 128"):
+        generate(model, [[1] * 130])
+
+
+def test_max_tokens_zero_and_default(tiny):
+    model, _ = tiny
+    assert generate(model, [PROMPTS[2]], max_tokens=0)[0].token_ids == []
+    default = generate(model, [[1] * 120], temperature=0.0)[0]
+    assert default.completion_tokens <= 8  # the rest of the 128-token context
+
+
+def test_compiles_are_bounded_by_buckets(tiny):
+    model, _ = tiny
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(2, 60, 20)
+    before = prefill._cache_size(), decode_loop._cache_size()
+    for n in lengths:
+        generate(model, [rng.integers(3, SP_VOCAB, n).tolist()], temperature=0.0, max_tokens=8)
+    buckets = {(bucket(int(n)), bucket(int(n) + 8)) for n in lengths}
+    prefill_compiles = prefill._cache_size() - before[0]
+    decode_compiles = decode_loop._cache_size() - before[1]
+    assert prefill_compiles <= len(buckets) < 20 and decode_compiles <= len(buckets)
+
+
+def test_stop_strings_across_tokens_in_generate_and_stream(tiny):
+    model, _ = tiny
+    prompt = PROMPTS[1]
+    free = generate(model, [prompt], temperature=0.0, max_tokens=40)[0]
+    pieces = [model.tokenizer.decode([t], continuation=True) for t in free.token_ids]
+    # a stop string that starts inside one token and ends inside a later one
+    start = next(i for i in range(2, len(pieces) - 2) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 1)
+    before = "".join(pieces[:start])
+    stop = pieces[start][1:] + pieces[start + 1][:1]
+    cut = free.text.find(stop)
+    assert cut >= 0
+    stopped = generate(model, [prompt], temperature=0.0, max_tokens=40, stop=[stop, "never-matches"])[0]
+    assert stopped.finish_reason == "stop" and stopped.text == free.text[:cut]
+    assert len(stopped.text) >= len(before)
+    deltas = list(stream(model, prompt, temperature=0.0, max_tokens=40, stop=stop))
+    assert "".join(deltas) == stopped.text
+    assert all(stop[:2] not in d for d in deltas if len(stop) > 1)
+
+
+def test_stream_reassembles_generate(tiny):
+    model, _ = tiny
+    full = generate(model, [PROMPTS[0]], temperature=0.7, seed=9, max_tokens=20)[0]
+    assert "".join(stream(model, PROMPTS[0], temperature=0.7, seed=9, max_tokens=20)) == full.text
