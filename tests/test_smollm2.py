@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from codellama_jax import load
+from codellama_jax.generate import chat, generate
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -18,10 +19,14 @@ def smollm2(smollm2_gguf):
     return load(smollm2_gguf, dtype="float32")
 
 
-def test_logits_match_transformers_on_the_same_gguf(smollm2, smollm2_gguf):
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
+@pytest.fixture(scope="module")
+def reference(smollm2_gguf):
+    return transformers.AutoModelForCausalLM.from_pretrained(
         smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
     ).eval()
+
+
+def test_logits_match_transformers_on_the_same_gguf(smollm2, reference):
     ids = smollm2.chat_template.encode(smollm2.tokenizer, QUESTION)
     with torch.no_grad():
         expected = reference(torch.tensor([ids])).logits[0].numpy()
@@ -35,11 +40,28 @@ def test_logits_match_transformers_on_the_same_gguf(smollm2, smollm2_gguf):
 
 
 def test_greedy_answer_is_paris(smollm2):
-    ids = smollm2.chat_template.encode(smollm2.tokenizer, QUESTION)
-    generated: list[int] = []
-    for _ in range(10):  # recomputes the whole prefix each step; generation with a KV cache is generate()
-        token = int(np.argmax(smollm2.logits([ids + generated])[0, -1]))
-        if token in smollm2.stop_token_ids:
-            break
-        generated.append(token)
-    assert "Paris" in smollm2.tokenizer.decode(generated)
+    answer = chat(smollm2, QUESTION, temperature=0.0, max_tokens=20)
+    assert "Paris" in answer.text and answer.finish_reason == "stop"
+
+
+PROMPTS = [
+    QUESTION,
+    [{"role": "user", "content": "Write a Python function that reverses a string."}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three primes."}],
+]
+
+
+def test_greedy_64_tokens_match_transformers_generate(smollm2, reference):
+    prompts = [smollm2.chat_template.encode(smollm2.tokenizer, m) for m in PROMPTS]
+    expected = []
+    for ids in prompts:
+        with torch.no_grad():
+            out = reference.generate(
+                torch.tensor([ids]), do_sample=False, max_new_tokens=64,
+                eos_token_id=list(smollm2.stop_token_ids), pad_token_id=0,
+            )[0, len(ids):].tolist()  # fmt: skip
+        expected.append([t for t in out if t not in smollm2.stop_token_ids])
+    assert generate(smollm2, prompts[:1], temperature=0.0, max_tokens=64)[0].token_ids == expected[0]
+    batch = generate(smollm2, prompts, temperature=0.0, max_tokens=64)
+    assert [c.token_ids for c in batch] == expected
+    assert max(len(e) for e in expected) == 64
