@@ -22,14 +22,24 @@ _INIT = nnx.initializers.normal(0.02)
 
 
 class Proj(nnx.Module):
-    """A weight applied with an einsum; the kernel keeps its head structure (e.g. `[D, N, H]`)."""
+    """A weight `[in..., out...]` applied to the trailing input axes of `x`.
 
-    def __init__(self, shape: tuple[int, ...], axes: tuple[str, ...], *, param_dtype, dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_INIT(rngs.params(), shape, param_dtype), axes=axes)
+    The kernel keeps its head structure (`q_proj` is `[D, N, H]`, `o_proj` `[N, H, D]`) for
+    sharding, but is applied as one 2-D matmul: XLA runs a contraction over several axes
+    (`BTNH,NHD->BTD`) many times slower than the same product reshaped.
+    """
+
+    def __init__(self, in_shape, out_shape, axes: tuple[str, ...], *, param_dtype, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_INIT(rngs.params(), (*in_shape, *out_shape), param_dtype), axes=axes)
+        self.num_in = len(in_shape)
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, equation: str) -> jax.Array:
-        return jnp.einsum(equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        in_shape, out_shape = kernel.shape[: self.num_in], kernel.shape[self.num_in :]
+        lead = x.shape[: x.ndim - self.num_in]
+        y = x.astype(self.dtype).reshape(-1, math.prod(in_shape)) @ kernel.reshape(math.prod(in_shape), -1)
+        return y.reshape(*lead, *out_shape)
 
 
 class RMSNorm(nnx.Module):
@@ -88,10 +98,10 @@ class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
         D, N, K, H = config.dim, config.num_heads, config.num_kv_heads, config.head_dim
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.q_proj = Proj((D, N, H), ("embed", "heads", "head_dim"), **kw)
-        self.k_proj = Proj((D, K, H), ("embed", "kv_heads", "head_dim"), **kw)
-        self.v_proj = Proj((D, K, H), ("embed", "kv_heads", "head_dim"), **kw)
-        self.o_proj = Proj((N, H, D), ("heads", "head_dim", "embed"), **kw)
+        self.q_proj = Proj((D,), (N, H), ("embed", "heads", "head_dim"), **kw)
+        self.k_proj = Proj((D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
+        self.v_proj = Proj((D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
+        self.o_proj = Proj((N, H), (D,), ("heads", "head_dim", "embed"), **kw)
         self.config = config
 
     def __call__(
@@ -101,9 +111,9 @@ class Attention(nnx.Module):
         values are returned; with one (`[B, S, K, H]` each) they are written at their positions
         and the tokens attend to every cached position up to their own."""
         inv_freq = rope_inv_freq(self.config)
-        q_BTNH = apply_rope(self.q_proj(x_BTD, "BTD,DNH->BTNH"), positions_BT, inv_freq)
-        k_BTKH = apply_rope(self.k_proj(x_BTD, "BTD,DKH->BTKH"), positions_BT, inv_freq)
-        v_BTKH = self.v_proj(x_BTD, "BTD,DKH->BTKH")
+        q_BTNH = apply_rope(self.q_proj(x_BTD), positions_BT, inv_freq)
+        k_BTKH = apply_rope(self.k_proj(x_BTD), positions_BT, inv_freq)
+        v_BTKH = self.v_proj(x_BTD)
         if kv is None:
             k_BSKH, v_BSKH = k_BTKH, v_BTKH
             mask_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
@@ -113,7 +123,7 @@ class Attention(nnx.Module):
             v_BSKH = kv[1].at[rows_B1, positions_BT].set(v_BTKH.astype(kv[1].dtype))
             mask_BTS = jnp.arange(k_BSKH.shape[1])[None, None, :] <= positions_BT[:, :, None]
         out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-        return self.o_proj(out_BTNH, "BTNH,NHD->BTD"), (k_BSKH, v_BSKH)
+        return self.o_proj(out_BTNH), (k_BSKH, v_BSKH)
 
 
 class MLP(nnx.Module):
@@ -122,13 +132,13 @@ class MLP(nnx.Module):
     def __init__(self, config: LlamaConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
         D, F = config.dim, config.ffn_dim
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.gate_proj = Proj((D, F), ("embed", "mlp"), **kw)
-        self.up_proj = Proj((D, F), ("embed", "mlp"), **kw)
-        self.down_proj = Proj((F, D), ("mlp", "embed"), **kw)
+        self.gate_proj = Proj((D,), (F,), ("embed", "mlp"), **kw)
+        self.up_proj = Proj((D,), (F,), ("embed", "mlp"), **kw)
+        self.down_proj = Proj((F,), (D,), ("mlp", "embed"), **kw)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        h_BTF = jax.nn.silu(self.gate_proj(x_BTD, "BTD,DF->BTF")) * self.up_proj(x_BTD, "BTD,DF->BTF")
-        return self.down_proj(h_BTF, "BTF,FD->BTD")
+        h_BTF = jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)
+        return self.down_proj(h_BTF)
 
 
 class Block(nnx.Module):
@@ -160,7 +170,7 @@ class Llama(nnx.Module):
         self.lm_head = (
             None
             if config.tie_embeddings
-            else Proj((config.dim, config.vocab_size), ("embed", "vocab"), param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+            else Proj((config.dim,), (config.vocab_size,), ("embed", "vocab"), param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         )
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
@@ -185,7 +195,7 @@ class Llama(nnx.Module):
         if self.lm_head is None:
             logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, self.embed[...].astype(self.dtype))
         else:
-            logits_BTV = self.lm_head(x_BTD, "BTD,DV->BTV")
+            logits_BTV = self.lm_head(x_BTD)
         return logits_BTV.astype(jnp.float32)
 
 

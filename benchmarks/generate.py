@@ -1,0 +1,170 @@
+"""Prefill and decode speed of codellama-jax next to transformers' `generate` on the same weights.
+
+    python benchmarks/generate.py                                   # SmolLM2-135M, batch 1 8 32
+    python benchmarks/generate.py --random dim=1024,ffn=2816,layers=8,heads=16,kv_heads=4,vocab=32016
+    python benchmarks/generate.py --batches 1 8 --new-tokens 32 --skip-transformers
+
+Every row says how far decode is from the memory-bandwidth bound: a decode step must read every
+weight once, so batch-B decode cannot exceed B * bandwidth / weight bytes tokens/s (bandwidth
+measured here with a BLAS matrix-vector product). Stop tokens are suppressed on both sides so
+every row decodes exactly `--new-tokens` tokens. llama.cpp (llama-cpp-python) is a third column
+at batch 1 when it is installed and the model is a GGUF file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from codellama_jax import load
+from codellama_jax.demo_model import fetch_smollm2
+from codellama_jax.generate import _Batch
+from codellama_jax.sampling import SamplingParams
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def memory_bandwidth() -> float:
+    """Bytes/s of a float32 matrix-vector product over a 256 MiB matrix (best of 5)."""
+    w = np.random.default_rng(0).random((8192, 8192), dtype=np.float32)
+    x = np.ones(8192, np.float32)
+    best = min(_seconds(lambda: w @ x) for _ in range(5))
+    return w.nbytes / best
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def ours(model, prompts: np.ndarray, new_tokens: int) -> dict:
+    """Compile, prefill and decode times of one batch, from the library's own batch object."""
+    suppress = {int(t): -100.0 for t in model.stop_token_ids}
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, logit_bias=suppress)
+    rows = [list(map(int, p)) for p in prompts]
+
+    def run(steps):
+        batch = _Batch(model, rows, params)
+        jax.block_until_ready(batch.state)
+        prefilled = time.perf_counter()
+        batch.decode(steps)
+        jax.block_until_ready(batch.state)
+        return batch, prefilled, time.perf_counter()
+
+    start = time.perf_counter()
+    run(new_tokens)  # compiles prefill and decode for this shape
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    batch, prefilled, done = run(new_tokens)
+    generated = int(np.asarray(batch.state.generated_B).sum())
+    assert generated == len(rows) * new_tokens, "a row stopped early"
+    return {
+        "compile_s": compile_s,
+        "prefill": prompts.size / (prefilled - start),
+        "decode": generated / (done - prefilled),
+    }
+
+
+def transformers_rates(hf_model, prompts: np.ndarray, new_tokens: int) -> dict:
+    """Prefill from a forward pass; decode from generate(N) minus generate(1)."""
+    import torch
+
+    ids = torch.tensor(prompts)
+
+    def gen(n):
+        with torch.no_grad():
+            hf_model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+
+    gen(2)  # warm up
+    with torch.no_grad():
+        prefill_s = _seconds(lambda: hf_model(ids))
+    t1, tn = _seconds(lambda: gen(1)), _seconds(lambda: gen(new_tokens))
+    return {"prefill": prompts.size / prefill_s, "decode": prompts.shape[0] * (new_tokens - 1) / (tn - t1)}
+
+
+def llama_cpp_rate(gguf_path: Path, prompt: list[int], new_tokens: int) -> float | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(str(gguf_path), n_ctx=len(prompt) + new_tokens + 8, verbose=False)
+    llm.eval(prompt)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        token = llm.sample(temp=0.0)
+        llm.eval([token])
+    return new_tokens / (time.perf_counter() - start)
+
+
+def random_checkpoint(spec: str, directory: Path) -> Path:
+    import torch
+    import transformers
+
+    fields = dict(kv.split("=") for kv in spec.split(","))
+    names = {"dim": "hidden_size", "ffn": "intermediate_size", "layers": "num_hidden_layers",
+             "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "vocab": "vocab_size"}  # fmt: skip
+    config = transformers.LlamaConfig(**{names[k]: int(v) for k, v in fields.items()}, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint to run (default: the SmolLM2-135M demo GGUF)")
+    parser.add_argument("--random", help="also run a random model: dim=,ffn=,layers=,heads=,kv_heads=,vocab=")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+
+    bandwidth = memory_bandwidth()
+    print(f"device: {jax.devices()[0].device_kind}; memory bandwidth (BLAS matvec): {bandwidth / 1e9:.1f} GB/s")
+    models = [Path(args.model) if args.model else fetch_smollm2(REPO / ".cache" / "models")]
+    tmp = tempfile.TemporaryDirectory()
+    if args.random:
+        models.append(random_checkpoint(args.random, Path(tmp.name) / "random"))
+
+    header = (
+        f"{'model':<28}{'batch':>6}{'compile s':>10}{'prefill tok/s':>15}{'decode tok/s':>14}"
+        f"{'% of bound':>11}{'hf decode':>11}{'vs hf':>7}{'llama.cpp':>11}"
+    )
+    print(header)
+    for path in models:
+        model = load(path, dtype=args.dtype)
+        weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
+        hf_model = None if args.skip_transformers else _transformers_model(path)
+        rng = np.random.default_rng(0)
+        for batch in args.batches:
+            prompts = rng.integers(3, model.config.vocab_size - 1, (batch, args.prompt_len))
+            mine = ours(model, prompts, args.new_tokens)
+            bound = batch * bandwidth / weight_bytes
+            hf = transformers_rates(hf_model, prompts, args.new_tokens) if hf_model is not None else None
+            cpp = llama_cpp_rate(path, prompts[0].tolist(), args.new_tokens) if batch == 1 and path.suffix == ".gguf" else None
+            print(
+                f"{path.name[:27]:<28}{batch:>6}{mine['compile_s']:>10.1f}{mine['prefill']:>15.0f}{mine['decode']:>14.1f}"
+                f"{100 * mine['decode'] / bound:>10.0f}%"
+                + (f"{hf['decode']:>11.1f}{mine['decode'] / hf['decode']:>6.2f}x" if hf else f"{'-':>11}{'-':>7}")
+                + (f"{cpp:>11.1f}" if cpp else f"{'-':>11}")
+            )
+
+
+def _transformers_model(path: Path):
+    import torch
+    import transformers
+
+    if path.suffix == ".gguf":
+        return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+if __name__ == "__main__":
+    main()
