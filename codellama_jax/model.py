@@ -73,11 +73,16 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half RoPE (the layout of HF Llama q/k weights); angles in float32."""
-    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+def rope_tables(positions_BT: jax.Array, config: LlamaConfig, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos and sin `[B, T, 1, H]` of the rotary angles (computed in float32, once per forward)."""
+    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * rope_inv_freq(config)
     angles_BTH = jnp.concatenate([angles_BTh, angles_BTh], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles_BTH).astype(x_BTNH.dtype), jnp.sin(angles_BTH).astype(x_BTNH.dtype)
+    return jnp.cos(angles_BTH).astype(dtype), jnp.sin(angles_BTH).astype(dtype)
+
+
+def apply_rope(x_BTNH: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate-half RoPE, the layout of HF Llama q/k weights."""
+    cos, sin = rope
     x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
     return x_BTNH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
@@ -102,26 +107,20 @@ class Attention(nnx.Module):
         self.k_proj = Proj((D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
         self.v_proj = Proj((D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
         self.o_proj = Proj((N, H), (D,), ("heads", "head_dim", "embed"), **kw)
-        self.config = config
 
-    def __call__(
-        self, x_BTD: jax.Array, positions_BT: jax.Array, kv: tuple[jax.Array, jax.Array] | None
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Without a cache (`kv` None) the tokens attend to each other causally and their keys and
-        values are returned; with one (`[B, S, K, H]` each) they are written at their positions
-        and the tokens attend to every cached position up to their own."""
-        inv_freq = rope_inv_freq(self.config)
-        q_BTNH = apply_rope(self.q_proj(x_BTD), positions_BT, inv_freq)
-        k_BTKH = apply_rope(self.k_proj(x_BTD), positions_BT, inv_freq)
+    def __call__(self, x_BTD, positions_BT, rope, mask_BTS, kv):
+        """Without a cache (`kv` None) the tokens attend to each other and their keys and values
+        are returned; with one (`[B, S, K, H]` each) they are written at their positions first,
+        and the tokens attend to the cache."""
+        q_BTNH = apply_rope(self.q_proj(x_BTD), rope)
+        k_BTKH = apply_rope(self.k_proj(x_BTD), rope)
         v_BTKH = self.v_proj(x_BTD)
         if kv is None:
             k_BSKH, v_BSKH = k_BTKH, v_BTKH
-            mask_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
         else:
             rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
             k_BSKH = kv[0].at[rows_B1, positions_BT].set(k_BTKH.astype(kv[0].dtype))
             v_BSKH = kv[1].at[rows_B1, positions_BT].set(v_BTKH.astype(kv[1].dtype))
-            mask_BTS = jnp.arange(k_BSKH.shape[1])[None, None, :] <= positions_BT[:, :, None]
         out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
         return self.o_proj(out_BTNH), (k_BSKH, v_BSKH)
 
@@ -148,8 +147,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.dim, config.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(config, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, kv):
-        attn_BTD, kv = self.attn(self.attn_norm(x_BTD), positions_BT, kv)
+    def __call__(self, x_BTD, positions_BT, rope, mask_BTS, kv):
+        attn_BTD, kv = self.attn(self.attn_norm(x_BTD), positions_BT, rope, mask_BTS, kv)
         h_BTD = x_BTD + attn_BTD
         return h_BTD + self.mlp(self.mlp_norm(h_BTD)), kv
 
@@ -183,9 +182,15 @@ class Llama(nnx.Module):
         """Final-norm hidden states `[B, T, D]` and the cache: the tokens' own keys and values
         (`[B, T, K, H]` per layer) without a cache, else the given cache with them written in."""
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
+        rope = rope_tables(positions_BT, self.config, self.dtype)
+        if cache is None:  # causal over the given positions
+            mask_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
+        else:  # every cached position up to the token's own
+            mask_BTS = jnp.arange(cache.length)[None, None, :] <= positions_BT[:, :, None]
         ks, vs = [], []
         for i, block in enumerate(self.layers):
-            x_BTD, (k, v) = block(x_BTD, positions_BT, None if cache is None else (cache.k[i], cache.v[i]))
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x_BTD, (k, v) = block(x_BTD, positions_BT, rope, mask_BTS, kv)
             ks.append(k)
             vs.append(v)
         return self.norm(x_BTD), KVCache(tuple(ks), tuple(vs))
