@@ -1,5 +1,6 @@
-"""The key/value cache: per layer, keys and values `[B, S, K, H]` (batch, cache position, kv head,
-head dim), so that sharding can split rows over 'data' and kv heads over 'model'."""
+"""The key/value cache: per layer, keys and values `[B, K, S, H]` (batch, kv head, cache position,
+head dim): attention reads it without transposes, and sharding can split rows over 'data' and kv
+heads over 'model'."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class KVCache(NamedTuple):
 
     @classmethod
     def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype) -> KVCache:
-        shape = (batch, length, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, length, config.head_dim)
         return cls(
             tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
             tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
@@ -25,7 +26,7 @@ class KVCache(NamedTuple):
 
     @property
     def length(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
     def insert(self, prefix: KVCache, row: jax.Array | int = 0) -> KVCache:
         """This cache with `prefix` (keys/values of positions 0..T-1 of some rows) written at

@@ -87,15 +87,17 @@ def apply_rope(x_BTNH: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Arra
     return x_BTNH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
-    """Grouped-query attention: query head n reads kv head n // G. Softmax in float32."""
+def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """Grouped-query attention: query head n reads kv head n // G. Softmax in float32.
+
+    Keys and values are `[B, K, S, H]`, the cache's layout, so no step transposes the cache."""
     B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
+    K = k_BKSH.shape[1]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    scores_BKGTS = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH, preferred_element_type=jnp.float32)
     scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS * (H**-0.5), -jnp.inf)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BKSH->BTKGH", probs_BKGTS, v_BKSH)
     return out_BTKGH.reshape(B, T, N, H)
 
 
@@ -110,19 +112,19 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, positions_BT, rope, mask_BTS, kv):
         """Without a cache (`kv` None) the tokens attend to each other and their keys and values
-        are returned; with one (`[B, S, K, H]` each) they are written at their positions first,
-        and the tokens attend to the cache."""
+        are returned (`[B, K, T, H]`); with one (`[B, K, S, H]` each) they are written at their
+        positions first, and the tokens attend to the cache."""
         q_BTNH = apply_rope(self.q_proj(x_BTD), rope)
         k_BTKH = apply_rope(self.k_proj(x_BTD), rope)
         v_BTKH = self.v_proj(x_BTD)
         if kv is None:
-            k_BSKH, v_BSKH = k_BTKH, v_BTKH
+            k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
         else:
             rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
-            k_BSKH = kv[0].at[rows_B1, positions_BT].set(k_BTKH.astype(kv[0].dtype))
-            v_BSKH = kv[1].at[rows_B1, positions_BT].set(v_BTKH.astype(kv[1].dtype))
-        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-        return self.o_proj(out_BTNH), (k_BSKH, v_BSKH)
+            k_BKSH = kv[0].at[rows_B1, :, positions_BT].set(k_BTKH.astype(kv[0].dtype))
+            v_BKSH = kv[1].at[rows_B1, :, positions_BT].set(v_BTKH.astype(kv[1].dtype))
+        out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
+        return self.o_proj(out_BTNH), (k_BKSH, v_BKSH)
 
 
 class MLP(nnx.Module):
@@ -180,7 +182,7 @@ class Llama(nnx.Module):
         self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None
     ) -> tuple[jax.Array, KVCache]:
         """Final-norm hidden states `[B, T, D]` and the cache: the tokens' own keys and values
-        (`[B, T, K, H]` per layer) without a cache, else the given cache with them written in."""
+        (`[B, K, T, H]` per layer) without a cache, else the given cache with them written in."""
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
         rope = rope_tables(positions_BT, self.config, self.dtype)
         if cache is None:  # causal over the given positions

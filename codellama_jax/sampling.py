@@ -177,9 +177,13 @@ def apply_top_p(logits_BV, top_p_B):
 
 def apply_min_p(logits_BV, min_p_B):
     """Drops tokens less likely than min_p times the most likely one."""
-    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
-    cutoff_B1 = min_p_B[:, None] * jnp.max(probs_BV, axis=-1, keepdims=True)
-    return jnp.where(probs_BV < cutoff_B1, -jnp.inf, logits_BV)
+
+    def limit(logits_BV):
+        probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+        cutoff_B1 = min_p_B[:, None] * jnp.max(probs_BV, axis=-1, keepdims=True)
+        return jnp.where(probs_BV < cutoff_B1, -jnp.inf, logits_BV)
+
+    return jax.lax.cond(jnp.any(min_p_B > 0), limit, lambda x: x, logits_BV)
 
 
 def process(logits_BV, s: SamplingArrays, counts_BV, seen_BV):
@@ -201,5 +205,10 @@ def sample(logits_BV, s: SamplingArrays, counts_BV, seen_BV, positions_B):
     def draw(key, position, row_logits):
         return jax.random.categorical(jax.random.fold_in(jax.random.wrap_key_data(key), position), row_logits)
 
-    drawn_B = jax.vmap(draw)(s.key, positions_B, processed_BV)
-    return jnp.where(s.temperature > 0, drawn_B, jnp.argmax(processed_BV, axis=-1)).astype(jnp.int32)
+    greedy_B = jnp.argmax(processed_BV, axis=-1)
+    drawn_B = jax.lax.cond(  # no random draws at all when every row is greedy
+        jnp.any(s.temperature > 0),
+        lambda: jax.vmap(draw)(s.key, positions_B, processed_BV),
+        lambda: greedy_B,
+    )
+    return jnp.where(s.temperature > 0, drawn_B, greedy_B).astype(jnp.int32)
