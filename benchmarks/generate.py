@@ -23,7 +23,7 @@ import numpy as np
 
 from codellama_jax import load
 from codellama_jax.demo_model import fetch_smollm2
-from codellama_jax.generate import _Batch
+from codellama_jax.generate import Batch
 from codellama_jax.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def ours(model, prompts: np.ndarray, new_tokens: int) -> dict:
     rows = [list(map(int, p)) for p in prompts]
 
     def run(steps):
-        batch = _Batch(model, rows, params)
+        batch = Batch(model, rows, params)
         jax.block_until_ready(batch.state)
         prefilled = time.perf_counter()
         batch.decode(steps)

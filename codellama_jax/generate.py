@@ -161,8 +161,7 @@ def prompt_ids(model: Model, prompt: Prompt) -> list[int]:
         tokenizer = _tokenizer(model)
         return tokenizer.encode(prompt, add_bos=tokenizer.add_bos)
     if len(prompt) and isinstance(prompt[0], Mapping):
-        _tokenizer(model)
-        return model.chat_template.encode(model.tokenizer, prompt)
+        return model.chat_template.encode(_tokenizer(model), prompt)
     ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
     bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
     if bad:
@@ -193,8 +192,10 @@ def max_new_tokens(model: Model, prompt_len: int, max_tokens: int | None) -> int
     return max_tokens
 
 
-class _Batch:
-    """A batch of rows (prompt x sample) prefilled and ready to decode."""
+class Batch:
+    """A batch of rows (prompt x sample), prefilled on construction, decoded by `decode(steps)`.
+
+    What `generate()` and `stream()` drive; the benchmark times its two phases separately."""
 
     def __init__(self, model: Model, prompts: Sequence[list[int]], params: SamplingParams):
         if not prompts:
@@ -258,7 +259,7 @@ def generate(model: Model, prompts: Sequence[Prompt], **sampling: Any) -> list[C
     the host every few steps to look for them in the text.
     """
     params = SamplingParams(**sampling)
-    batch = _Batch(model, [prompt_ids(model, p) for p in prompts], params)
+    batch = Batch(model, [prompt_ids(model, p) for p in prompts], params)
     if params.stop or params.logprobs:
         _tokenizer(model)
     streams = [TextStream(model.tokenizer, ids, params.stop) if model.tokenizer else None for _, ids, _ in batch.rows]
@@ -273,7 +274,7 @@ def generate(model: Model, prompts: Sequence[Prompt], **sampling: Any) -> list[C
     return _completions(model, batch, streams)
 
 
-def _completions(model: Model, batch: _Batch, streams: list[TextStream]) -> list[Completion]:
+def _completions(model: Model, batch: Batch, streams: list[TextStream]) -> list[Completion]:
     state = jax.device_get(batch.state)
     tokenizer = model.tokenizer
     out = []
@@ -309,7 +310,7 @@ def stream(model: Model, prompt: Prompt, **sampling: Any) -> Iterator[str]:
     if params.n != 1:
         raise ValueError("stream() produces one completion; use generate() for n > 1")
     ids = prompt_ids(model, prompt)
-    batch = _Batch(model, [ids], params)
+    batch = Batch(model, [ids], params)
     text = TextStream(_tokenizer(model), ids, params.stop)
     while batch.running() and not text.stopped:
         batch.decode(1)
