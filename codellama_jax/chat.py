@@ -7,6 +7,7 @@ format, the `[INST]` format of CodeLlama 7B/13B/34B, or ChatML.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from codellama_jax.tokenizer import Span, Tokenizer
+from codellama_jax.tokenizer import Tokenizer
 
 Message = Mapping[str, Any]
 
@@ -74,38 +75,60 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True, **extra: Any) -> str:
         """The prompt text, byte-identical to transformers' `apply_chat_template(tokenize=False)`."""
-        if not messages:
-            raise ValueError("messages must not be empty")
+        check_messages(messages)
         try:
             return self._template.render(
                 messages=[dict(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
                 **{**self.variables, **extra},
             )
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, TypeError) as e:
             raise ValueError(f"chat template: {e}") from None
 
     def encode(self, tokenizer: Tokenizer, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
         """Prompt token ids: the template's special tokens become control tokens, while text the
-        messages brought in (even `<s>` or `<step>` typed by a user) stays plain text."""
-        text = self.render(messages, add_generation_prompt=add_generation_prompt)
-        return tokenizer.encode_with_specials(text, content_spans(text, messages))
+        messages brought in (even `<s>` or `<step>` typed by a user) stays plain text.
+
+        Special-token text in the messages is swapped for numbered private-use placeholders before
+        rendering, so only the template's own text can match a control token; the placeholders
+        are then swapped back and marked as plain text for the tokenizer."""
+        originals: list[str] = []
+        pattern = re.compile("|".join(map(re.escape, sorted([*tokenizer.special_tokens, _MARK], key=len, reverse=True))))
+
+        def escape(value):
+            if not isinstance(value, str):
+                return value
+            return pattern.sub(lambda m: originals.append(m.group()) or f"{_MARK}{len(originals) - 1}{_MARK}", value)
+
+        check_messages(messages)
+        escaped = [{k: v if k == "role" else escape(v) for k, v in m.items()} for m in messages]
+        rendered = self.render(escaped, add_generation_prompt=add_generation_prompt)
+        text, plain_spans = [], []
+        length = 0
+        for i, piece in enumerate(re.split(f"{_MARK}(\\d+){_MARK}", rendered)):
+            if i % 2:  # a placeholder: the original text, as plain text
+                piece = originals[int(piece)]
+                plain_spans.append((length, length + len(piece)))
+            text.append(piece)
+            length += len(piece)
+        return tokenizer.encode_with_specials("".join(text), plain_spans)
 
 
-def content_spans(text: str, messages: Sequence[Message]) -> list[Span]:
-    """Where each message's content (as the template may have trimmed it) lies in the rendered text."""
-    spans, cursor = [], 0
-    for message in messages:
-        content = message.get("content")
-        if not isinstance(content, str) or not content.strip():
-            continue
-        for candidate in (content, content.strip()):
-            at = text.find(candidate, cursor)
-            if at >= 0:
-                spans.append((at, at + len(candidate)))
-                cursor = at + len(candidate)
-                break
-    return spans
+ROLES = ("system", "user", "assistant", "tool")
+_MARK = "\ue000"  # private use: brackets the placeholders of special-token text in messages
+
+
+def check_messages(messages: Sequence[Message]) -> None:
+    """Messages are mappings with a known role and string content (a clear error otherwise)."""
+    if not messages:
+        raise ValueError("messages must not be empty")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}].content must be a string")
 
 
 def default_template_name(tokenizer: Tokenizer) -> str:

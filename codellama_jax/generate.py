@@ -162,7 +162,10 @@ def prompt_ids(model: Model, prompt: Prompt) -> list[int]:
         return tokenizer.encode(prompt, add_bos=tokenizer.add_bos)
     if len(prompt) and isinstance(prompt[0], Mapping):
         return model.chat_template.encode(_tokenizer(model), prompt)
-    ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
+    array = np.asarray(prompt)
+    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+        raise ValueError("a prompt must be text, a list of token ids (integers), or a list of chat messages")
+    ids = array.tolist()
     bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
     if bad:
         raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {model.config.vocab_size})")
@@ -214,7 +217,7 @@ class Batch:
         for b, ((_, ids, _), n) in enumerate(zip(self.rows, max_new)):
             tokens_BT[b, : len(ids)] = ids
             lengths_B[b], max_new_B[b] = len(ids), n
-        top_k = MAX_TOP_LOGPROBS if params.top_logprobs else 0
+        top_k = min(MAX_TOP_LOGPROBS, model.config.vocab_size) if params.top_logprobs else 0
         max_new_bucket = min(bucket(max(max_new)), context)
         self.state = prefill(
             model.graphdef, cache_len, top_k, max_new_bucket, model.params, tokens_BT, lengths_B, max_new_B
@@ -223,6 +226,7 @@ class Batch:
         self.sampling = SamplingArrays.build([(params, i) for _, _, i in self.rows] + padding, model.config.vocab_size)
         self.stop_ids = jnp.asarray(model.stop_token_ids or (-1,), jnp.int32)
         self._fed = [0] * len(self.rows)  # tokens of each row already pushed to its text stream
+        self.stopped_at: dict[int, int] = {}  # row -> output length, for rows ended by a stop string
 
     def decode(self, max_steps: int) -> None:
         self.state = decode_loop(self.model.graphdef, self.model.params, self.state, self.sampling, self.stop_ids, max_steps)
@@ -242,11 +246,11 @@ class Batch:
         for r, stream in enumerate(streams):
             if stream is None:  # no tokenizer: token ids only
                 continue
-            was_stopped = stream.stopped
-            for token in tokens_BN[r, self._fed[r] : generated_B[r]]:
-                stream.push(int(token))
-            self._fed[r] = int(generated_B[r])
-            if stream.stopped and not was_stopped:
+            while self._fed[r] < generated_B[r] and not stream.stopped:
+                stream.push(int(tokens_BN[r, self._fed[r]]))
+                self._fed[r] += 1
+            if stream.stopped and r not in self.stopped_at:
+                self.stopped_at[r] = self._fed[r]  # the output ends with the token that completed the stop string
                 stopped.append(r)
         return stopped
 
@@ -259,6 +263,8 @@ def generate(model: Model, prompts: Sequence[Prompt], **sampling: Any) -> list[C
     the host every few steps to look for them in the text.
     """
     params = SamplingParams(**sampling)
+    if isinstance(prompts, (str, Mapping)) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+        raise ValueError("prompts must be a list of prompts (each text, token ids, or chat messages)")
     batch = Batch(model, [prompt_ids(model, p) for p in prompts], params)
     if params.stop or params.logprobs:
         _tokenizer(model)
@@ -279,7 +285,7 @@ def _completions(model: Model, batch: Batch, streams: list[TextStream]) -> list[
     tokenizer = model.tokenizer
     out = []
     for r, ((p, ids, i), stream) in enumerate(zip(batch.rows, streams)):
-        n = int(state.generated_B[r])
+        n = batch.stopped_at.get(r, int(state.generated_B[r]))
         tokens = [int(t) for t in state.tokens_BN[r, :n]]
         if stream is not None:
             stream.finish()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from typing import Mapping, NamedTuple, Sequence
 
@@ -42,9 +43,12 @@ class SamplingParams:
     top_logprobs: int = 0
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        if self.logit_bias is not None and not isinstance(self.logit_bias, Mapping):
+            raise ValueError("logit_bias must map token ids to biases")
         _check_range("temperature", self.temperature, 0.0, 2.0)
         _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_range("min_p", self.min_p, 0.0, 1.0)
@@ -61,20 +65,20 @@ class SamplingParams:
         if len(self.stop) > 16 or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError("stop must be a non-empty string or a list of at most 16 non-empty strings")
         for token, bias in (self.logit_bias or {}).items():
-            if not isinstance(token, (int, np.integer)) or isinstance(token, bool):
+            if not isinstance(token, numbers.Integral) or isinstance(token, bool):
                 raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
             _check_range(f"logit_bias[{token}]", bias, -100.0, 100.0)
 
 
 def _check_range(name, value, low, high, *, low_open=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if value > high or value < low or (low_open and value == low):
         raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
 
 
 def _check_int(name, value, low, high):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")

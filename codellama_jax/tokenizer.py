@@ -235,6 +235,9 @@ class IncrementalDetokenizer:
         self.ids = list(prompt_ids[-4:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+        # a prompt that ends inside a character: that character is completed, and emitted, by the output
+        while self.read_offset and tokenizer.decode(self.ids[: self.read_offset], continuation=True).endswith("\ufffd"):
+            self.read_offset -= 1
 
     def push(self, token_id: int) -> str:
         """Text made complete by this token ("" while a character is still incomplete)."""

@@ -129,6 +129,11 @@ def test_stop_strings_across_tokens_in_generate_and_stream(tiny):
     assert len(stopped.text) >= len(before)
     deltas = list(stream(model, prompt, temperature=0.0, max_tokens=40, stop=stop))
     assert "".join(deltas) == stopped.text
+    # the output ends with the token that completed the stop string: ids, count and text agree
+    assert stopped.completion_tokens == len(stopped.token_ids) < free.completion_tokens
+    assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)]
+    assert stop in model.tokenizer.decode(stopped.token_ids, continuation=True)
+    assert stop not in model.tokenizer.decode(stopped.token_ids[:-1], continuation=True)
     assert all(stop[:2] not in d for d in deltas if len(stop) > 1)
 
 
@@ -136,3 +141,12 @@ def test_stream_reassembles_generate(tiny):
     model, _ = tiny
     full = generate(model, [PROMPTS[0]], temperature=0.7, seed=9, max_tokens=20)[0]
     assert "".join(stream(model, PROMPTS[0], temperature=0.7, seed=9, max_tokens=20)) == full.text
+
+
+@pytest.mark.parametrize(
+    "prompts, message",
+    [("hello", "list of prompts"), ([1, 2, 3], "list of prompts"), ([[1.5, 2.0]], "integers"), ([[1, 9999]], "outside the vocabulary")],
+)
+def test_malformed_prompts_are_clear_errors(tiny, prompts, message):
+    with pytest.raises(ValueError, match=message):
+        generate(tiny[0], prompts, max_tokens=2)

@@ -154,8 +154,15 @@ def test_sample_frequencies_match_processed_distribution():
         ("stop", [""], "non-empty"),
         ("logit_bias", {5: 101.0}, r"logit_bias\[5\]"),
         ("temperature", "hot", "temperature must be a number"),
+        ("stop", 5, "stop must be a string or a list"),
+        ("logit_bias", [1], "logit_bias must map token ids"),
     ],
 )
 def test_out_of_range_settings_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**{field: value})
+
+
+def test_numpy_numbers_and_null_stop_are_accepted():
+    p = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(3), stop=None)
+    assert p.stop == () and p.top_k == 3

@@ -101,3 +101,10 @@ def test_template_text_becomes_control_tokens_outside_content(sp_tok):
     step = sp_tok.special_tokens["<step>"]
     # each piece between control tokens is encoded on its own, as transformers' legacy Llama tokenizers do
     assert ids == [sp_tok.bos_id, *sp_tok.encode("user: <step> said "), step, *sp_tok.encode(" ")]
+
+
+def test_prompt_ending_inside_a_character_loses_nothing(sp_tok):
+    ids = sp_tok.encode("x😀")
+    cut = next(i for i in range(len(ids)) if sp_tok.sp.is_byte(ids[i])) + 1  # after the emoji's first byte
+    deltas, tail = _stream(sp_tok, ids[cut:], prompt_ids=ids[:cut])
+    assert "".join(deltas) + tail == "😀"
