@@ -206,22 +206,26 @@ class Batch:
         self.model = model
         self.params = params
         self.rows = [(p, ids, i) for p, ids in enumerate(prompts) for i in range(params.n)]
-        max_new = [max_new_tokens(model, len(ids), params.max_tokens) for _, ids, _ in self.rows]
+        max_new = [max_new_tokens(model, len(ids), params.max_tokens) for ids in prompts]
         context = model.config.max_seq_len
-        B = bucket(len(self.rows), minimum=1)
-        T = min(bucket(max(len(ids) for _, ids, _ in self.rows)), context)
-        cache_len = max(T, min(bucket(max(len(ids) + n for (_, ids, _), n in zip(self.rows, max_new))), context))
-        tokens_BT = np.zeros((B, T), np.int32)
-        lengths_B = np.ones(B, np.int32)
-        max_new_B = np.zeros(B, np.int32)
-        for b, ((_, ids, _), n) in enumerate(zip(self.rows, max_new)):
-            tokens_BT[b, : len(ids)] = ids
-            lengths_B[b], max_new_B[b] = len(ids), n
+        P, B = bucket(len(prompts), minimum=1), bucket(len(self.rows), minimum=1)
+        T = min(bucket(max(map(len, prompts))), context)
+        cache_len = max(T, min(bucket(max(len(ids) + n for ids, n in zip(prompts, max_new))), context))
+        tokens_PT = np.zeros((P, T), np.int32)
+        lengths_P = np.ones(P, np.int32)
+        max_new_P = np.zeros(P, np.int32)  # padding rows: nothing to generate, finished from the start
+        for p, (ids, n) in enumerate(zip(prompts, max_new)):
+            tokens_PT[p, : len(ids)] = ids
+            lengths_P[p], max_new_P[p] = len(ids), n
         top_k = min(MAX_TOP_LOGPROBS, model.config.vocab_size) if params.top_logprobs else 0
         max_new_bucket = min(bucket(max(max_new)), context)
         self.state = prefill(
-            model.graphdef, cache_len, top_k, max_new_bucket, model.params, tokens_BT, lengths_B, max_new_B
+            model.graphdef, cache_len, top_k, max_new_bucket, model.params, tokens_PT, lengths_P, max_new_P
         )
+        if params.n > 1:  # each prompt is prefilled once and its state copied to its n rows
+            source_B = np.array([p for p, _, _ in self.rows] + [0] * (B - len(self.rows)))
+            state = jax.tree.map(lambda x: x[source_B], self.state)
+            self.state = state._replace(finish_B=state.finish_B.at[len(self.rows) :].set(LENGTH))
         padding = [(SamplingParams(temperature=0.0), 0)] * (B - len(self.rows))
         self.sampling = SamplingArrays.build([(params, i) for _, _, i in self.rows] + padding, model.config.vocab_size)
         self.stop_ids = jnp.asarray(model.stop_token_ids or (-1,), jnp.int32)

@@ -68,6 +68,9 @@ def test_n_samples_differ_and_a_seed_repeats(tiny):
     assert [c.index for c in run[0]] == [0, 1, 2, 3]
     assert [c.token_ids for c in run[0]] == [c.token_ids for c in run[1]]
     assert len({tuple(c.token_ids) for c in run[0]}) > 1
+    greedy = generate(model, PROMPTS[:2], n=3, temperature=0.0, max_tokens=12)  # prefilled once per prompt
+    singles = generate(model, PROMPTS[:2], temperature=0.0, max_tokens=12)
+    assert [(c.prompt_index, c.token_ids) for c in greedy] == [(s.prompt_index, s.token_ids) for s in singles for _ in range(3)]
 
 
 def test_logprobs_add_up_to_the_sequence_likelihood(tiny):
