@@ -112,11 +112,14 @@ def convert(source, dst: str | Path, *, dtype: str = "bfloat16", progress: bool 
     return dst
 
 
-def checkpoint_dtype(path: str | Path) -> str:
+def check_format(path: str | Path) -> None:
+    """Refuses a checkpoint written in another version of our format."""
     info = json.loads((Path(path) / FORMAT_FILE).read_text())
     if info.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {info.get('format_version')} is not {FORMAT_VERSION}")
-    return info["dtype"]
+        raise ValueError(
+            f"{path}: checkpoint format version {info.get('format_version')}, this library reads {FORMAT_VERSION}; "
+            "convert the source checkpoint again"
+        )
 
 
 def restore_params(path: str | Path, abstract_state: nnx.State, sharding) -> nnx.State:

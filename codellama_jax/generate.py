@@ -10,7 +10,6 @@ buffers are donated to each decode call.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import jax

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -88,6 +87,7 @@ def load(path: str | Path, *, dtype: str | None = None) -> Model:
     param_dtype = checkpoint.parse_dtype(dtype or default_dtype())
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if checkpoint.is_checkpoint(path):
+        checkpoint.check_format(path)
         config = with_generation_config(LlamaConfig.from_hf(path), path)
         graphdef, state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype))
         state = checkpoint.restore_params(path, state, lambda p, var: device)

@@ -232,3 +232,11 @@ def test_conversion_streams_with_bounded_memory(tmp_path, sp_dir):
     growth = (peak_kib - base_kib) * 1024
     print(f"checkpoint {total / 2**20:.0f} MiB, largest tensor {largest / 2**20:.0f} MiB, RSS growth {growth / 2**20:.0f} MiB")
     assert growth < total  # never the whole model in memory
+
+
+def test_checkpoint_of_another_format_version_is_refused(hf_dir, tmp_path):
+    dst = convert(open_checkpoint(hf_dir), tmp_path / "ck", dtype="float32")
+    marker = dst / "codellama_jax.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "format_version": 99}))
+    with pytest.raises(ValueError, match="format version 99"):
+        load(dst)
