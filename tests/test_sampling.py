@@ -48,28 +48,20 @@ def _assert_same(ours, expected):
     np.testing.assert_allclose(ours[finite], expected[finite], rtol=1e-5, atol=1e-5)
 
 
-def test_temperature(logits):
-    t = np.array([0.5, 1.0, 1.7, 0.2], np.float32)
-    expected = _hf_rows(lambda b: hf.TemperatureLogitsWarper(float(t[b])), logits)
-    _assert_same(apply_temperature(jnp.asarray(logits), jnp.asarray(t)), expected)
+# processor, the transformers warper for one row's value (None: transformers has no neutral value), values per row
+WARPERS = {
+    "temperature": (apply_temperature, lambda v: hf.TemperatureLogitsWarper(float(v)), np.array([0.5, 1.0, 1.7, 0.2], np.float32)),
+    "top_k": (apply_top_k, lambda v: hf.TopKLogitsWarper(int(v)) if v else None, np.array([1, 5, 0, 63], np.int32)),
+    "top_p": (apply_top_p, lambda v: hf.TopPLogitsWarper(float(v)), np.array([0.1, 0.5, 0.9, 1.0], np.float32)),
+    "min_p": (apply_min_p, lambda v: hf.MinPLogitsWarper(float(v)) if v else None, np.array([0.0, 0.05, 0.3, 1.0], np.float32)),
+}  # fmt: skip
 
 
-def test_top_k(logits):
-    k = np.array([1, 5, 0, 63], np.int32)
-    expected = _hf_rows(lambda b: hf.TopKLogitsWarper(int(k[b])) if k[b] else (lambda i, s: s), logits)
-    _assert_same(apply_top_k(jnp.asarray(logits), jnp.asarray(k)), expected)
-
-
-def test_top_p(logits):
-    p = np.array([0.1, 0.5, 0.9, 1.0], np.float32)
-    expected = _hf_rows(lambda b: hf.TopPLogitsWarper(float(p[b])), logits)
-    _assert_same(apply_top_p(jnp.asarray(logits), jnp.asarray(p)), expected)
-
-
-def test_min_p(logits):
-    m = np.array([0.0, 0.05, 0.3, 1.0], np.float32)
-    expected = _hf_rows(lambda b: hf.MinPLogitsWarper(float(m[b])) if m[b] else (lambda i, s: s), logits)
-    _assert_same(apply_min_p(jnp.asarray(logits), jnp.asarray(m)), expected)
+@pytest.mark.parametrize("name", list(WARPERS))
+def test_warper_matches_transformers(name, logits):
+    ours, warper_for, values = WARPERS[name]
+    expected = _hf_rows(lambda b: warper_for(values[b]) or (lambda ids, scores: scores), logits)
+    _assert_same(ours(jnp.asarray(logits), jnp.asarray(values)), expected)
 
 
 def test_repetition_penalty(logits):
