@@ -23,7 +23,7 @@ import numpy as np
 
 from codellama_jax import load
 from codellama_jax.demo_model import fetch_smollm2
-from codellama_jax.generate import Batch
+from codellama_jax.generation import Batch
 from codellama_jax.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]

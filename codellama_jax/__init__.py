@@ -2,8 +2,21 @@
 
 from codellama_jax.chat import ChatTemplate
 from codellama_jax.config import LlamaConfig
+from codellama_jax.generation import Completion, chat, generate, stream
 from codellama_jax.loader import Model, load
 from codellama_jax.model import Llama
 from codellama_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
-__all__ = ["ChatTemplate", "IncrementalDetokenizer", "Llama", "LlamaConfig", "Model", "Tokenizer", "load"]
+__all__ = [
+    "ChatTemplate",
+    "Completion",
+    "IncrementalDetokenizer",
+    "Llama",
+    "LlamaConfig",
+    "Model",
+    "Tokenizer",
+    "chat",
+    "generate",
+    "load",
+    "stream",
+]

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from codellama_jax import load
-from codellama_jax.generate import chat, generate
+from codellama_jax.generation import chat, generate
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from codellama_jax import load
-from codellama_jax.generate import bucket, chat, decode_loop, generate, prefill, stream
+from codellama_jax.generation import bucket, chat, decode_loop, generate, prefill, stream
 
 from conftest import SP_VOCAB, write_hf_checkpoint
 
