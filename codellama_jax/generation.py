@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from codellama_jax.kv_cache import KVCache
-from codellama_jax.loader import Model
+from codellama_jax.loader import Model, bucket
 from codellama_jax.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingParams, sample
 from codellama_jax.tokenizer import TextStream
 
@@ -146,11 +146,6 @@ def _decode_loop(graphdef, params, state, sampling, stop_ids, max_steps):
 
 prefill = jax.jit(_prefill, static_argnums=(0, 1, 2, 3))
 decode_loop = jax.jit(_decode_loop, static_argnums=(0,), donate_argnums=(2,))
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """Sizes are padded to powers of two so that the number of compiles stays small."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 def prompt_ids(model: Model, prompt: Prompt) -> list[int]:

@@ -52,7 +52,7 @@ class Model:
         bad = [int(t) for r in rows for t in r if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
-        padded = min(_bucket(longest), self.config.max_seq_len)
+        padded = min(bucket(longest), self.config.max_seq_len)
         tokens_BT = np.zeros((len(rows), padded), np.int32)
         for b, r in enumerate(rows):
             tokens_BT[b, : r.size] = r
@@ -67,9 +67,9 @@ def _forward(graphdef, params, tokens_BT, positions_BT):
     return nnx.merge(graphdef, params)(tokens_BT, positions_BT)
 
 
-def _bucket(n: int) -> int:
-    """Lengths are padded to powers of two (at least 16) to bound the number of compiles."""
-    return max(16, 1 << (n - 1).bit_length())
+def bucket(n: int, minimum: int = 16) -> int:
+    """Sizes are padded to powers of two so that the number of compiles stays small."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 def default_dtype() -> str:
