@@ -6,7 +6,9 @@
 
 Every row says how far decode is from the memory-bandwidth bound: a decode step must read every
 weight once, so batch-B decode cannot exceed B * bandwidth / weight bytes tokens/s (bandwidth
-measured here with a BLAS matrix-vector product). Stop tokens are suppressed on both sides so
+measured here with a BLAS matrix-vector product), and next to the "matmul floor": the rate of
+the model's weight matmuls alone, run back to back through XLA, which no full step can beat on
+the same backend. Stop tokens are suppressed on both sides so
 every row decodes exactly `--new-tokens` tokens. llama.cpp (llama-cpp-python) is a third column
 at batch 1 when it is installed and the model is a GGUF file.
 """
@@ -14,16 +16,20 @@ at batch 1 when it is installed and the model is a GGUF file.
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from codellama_jax import load
 from codellama_jax.demo_model import fetch_smollm2
 from codellama_jax.generation import Batch
+from codellama_jax.model import Proj
 from codellama_jax.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +75,28 @@ def ours(model, prompts: np.ndarray, new_tokens: int) -> dict:
         "prefill": prompts.size / (prefilled - start),
         "decode": generated / (done - prefilled),
     }
+
+
+def matmul_floor(model, batch: int) -> float:
+    """Tokens/s of the weight matmuls alone (nothing else of the model), one after another with
+    the shapes of a decode step: what XLA's matrix products allow here, the practical ceiling
+    for a full step on the same backend."""
+
+    @jax.jit
+    def chain(params):
+        module = nnx.merge(model.graphdef, params)
+        kernels = [p.kernel[...].reshape(math.prod(p.kernel.shape[: p.num_in]), -1)
+                   for _, p in nnx.iter_graph(module) if isinstance(p, Proj)]  # fmt: skip
+        if module.lm_head is None:
+            kernels.append(module.embed[...].T)
+        y = jnp.full((batch, 1), 1e-3, kernels[0].dtype)
+        for kernel in kernels:  # each product waits for the one before, as layers do
+            y = jnp.broadcast_to(y[:, :1], (batch, kernel.shape[0])) @ kernel
+        return y
+
+    chain(model.params).block_until_ready()
+    best = min(_seconds(lambda: chain(model.params).block_until_ready()) for _ in range(10))
+    return batch / best
 
 
 def transformers_rates(hf_model, prompts: np.ndarray, new_tokens: int) -> dict:
@@ -135,7 +163,7 @@ def main() -> None:
 
     header = (
         f"{'model':<28}{'batch':>6}{'compile s':>10}{'prefill tok/s':>15}{'decode tok/s':>14}"
-        f"{'% of bound':>11}{'hf decode':>11}{'vs hf':>7}{'llama.cpp':>11}"
+        f"{'% of bound':>11}{'matmul floor':>13}{'hf decode':>11}{'vs hf':>7}{'llama.cpp':>11}"
     )
     print(header)
     for path in models:
@@ -146,12 +174,13 @@ def main() -> None:
         for batch in args.batches:
             prompts = rng.integers(3, model.config.vocab_size - 1, (batch, args.prompt_len))
             mine = ours(model, prompts, args.new_tokens)
+            floor = matmul_floor(model, batch)
             bound = batch * bandwidth / weight_bytes
             hf = transformers_rates(hf_model, prompts, args.new_tokens) if hf_model is not None else None
             cpp = llama_cpp_rate(path, prompts[0].tolist(), args.new_tokens) if batch == 1 and path.suffix == ".gguf" else None
             print(
                 f"{path.name[:27]:<28}{batch:>6}{mine['compile_s']:>10.1f}{mine['prefill']:>15.0f}{mine['decode']:>14.1f}"
-                f"{100 * mine['decode'] / bound:>10.0f}%"
+                f"{100 * mine['decode'] / bound:>10.0f}%{floor:>13.1f}"
                 + (f"{hf['decode']:>11.1f}{mine['decode'] / hf['decode']:>6.2f}x" if hf else f"{'-':>11}{'-':>7}")
                 + (f"{cpp:>11.1f}" if cpp else f"{'-':>11}")
             )

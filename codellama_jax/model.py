@@ -90,15 +90,21 @@ def apply_rope(x_BTNH: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Arra
 def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
     """Grouped-query attention: query head n reads kv head n // G. Softmax in float32.
 
-    Keys and values are `[B, K, S, H]`, the cache's layout, so no step transposes the cache."""
+    Keys and values are `[B, K, S, H]`, the cache's layout, so no step transposes the cache.
+    The queries of one kv head are gathered as rows `[B, K, T*G, H]` so both products are
+    plain batched matmuls over (B, K): XLA:CPU runs them ~3x faster than a 5-axis einsum."""
     B, T, N, H = q_BTNH.shape
     K = k_BKSH.shape[1]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    scores_BKGTS = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH, preferred_element_type=jnp.float32)
-    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS * (H**-0.5), -jnp.inf)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
-    out_BTKGH = jnp.einsum("BKGTS,BKSH->BTKGH", probs_BKGTS, v_BKSH)
-    return out_BTKGH.reshape(B, T, N, H)
+    G = N // K
+    q_BKRH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+    scores_BKRS = jax.lax.dot_general(
+        q_BKRH, k_BKSH, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32
+    )
+    mask_B1RS = jnp.repeat(mask_BTS, G, axis=1)[:, None]
+    scores_BKRS = jnp.where(mask_B1RS, scores_BKRS * (H**-0.5), -jnp.inf)
+    probs_BKRS = jax.nn.softmax(scores_BKRS, axis=-1).astype(v_BKSH.dtype)
+    out_BKRH = jax.lax.dot_general(probs_BKRS, v_BKSH, (((3,), (2,)), ((0, 1), (0, 1))))
+    return out_BKRH.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
 
 
 class Attention(nnx.Module):
