@@ -10,13 +10,16 @@ buffers are donated to each decode call.
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from codellama_jax import sharding
 from codellama_jax.kv_cache import KVCache
 from codellama_jax.loader import Model, bucket
 from codellama_jax.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingParams, sample
@@ -66,7 +69,21 @@ class DecodeState(NamedTuple):
     top_logprobs_BNK: jax.Array
 
 
-def _prefill(graphdef, cache_len, top_k, max_new, params, tokens_BT, lengths_B, max_new_B):
+def lay_out(state: DecodeState, mesh: Mesh) -> DecodeState:
+    """The state's place on the mesh: the cache split over rows ('data') and kv heads ('model'),
+    per-row vocabulary arrays over rows, and the small per-row results replicated, so that every
+    host can read them without a gather."""
+    by_row = ("logits_BV", "counts_BV", "seen_BV")
+    cache = jax.tree.map(lambda x: sharding.constrain(x, mesh, sharding.CACHE_AXES), state.cache)
+    fields = {
+        name: sharding.constrain(value, mesh, ("batch",) if name in by_row else ())
+        for name, value in state._asdict().items()
+        if name != "cache"
+    }
+    return DecodeState(cache=cache, **fields)
+
+
+def _prefill(graphdef, cache_len, top_k, max_new, mesh, params, tokens_BT, lengths_B, max_new_B):
     """Runs the prompts and returns the initial decode state."""
     model = nnx.merge(graphdef, params)
     B, T = tokens_BT.shape
@@ -78,7 +95,7 @@ def _prefill(graphdef, cache_len, top_k, max_new, params, tokens_BT, lengths_B, 
     cache = KVCache.zeros(model.config, B, cache_len, model.dtype).insert(prompt_kv)
     in_prompt_BT = jnp.arange(T)[None, :] < lengths_B[:, None]
     seen_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], tokens_BT].max(in_prompt_BT)
-    return DecodeState(
+    state = DecodeState(
         cache=cache,
         logits_BV=logits_BV,
         positions_B=lengths_B.astype(jnp.int32),
@@ -92,9 +109,10 @@ def _prefill(graphdef, cache_len, top_k, max_new, params, tokens_BT, lengths_B, 
         top_ids_BNK=jnp.zeros((B, max_new, top_k), jnp.int32),
         top_logprobs_BNK=jnp.zeros((B, max_new, top_k), jnp.float32),
     )
+    return lay_out(state, mesh)
 
 
-def decode_step(model, state: DecodeState, sampling: SamplingArrays, stop_ids) -> DecodeState:
+def decode_step(model, mesh: Mesh, state: DecodeState, sampling: SamplingArrays, stop_ids) -> DecodeState:
     """Samples a token for every running row, records it, and runs the model on it."""
     B, N = state.tokens_BN.shape
     rows_B = jnp.arange(B)
@@ -114,7 +132,7 @@ def decode_step(model, state: DecodeState, sampling: SamplingArrays, stop_ids) -
         top_logprobs_BNK = top_logprobs_BNK.at[rows_B, slot_B].set(top_lp_BK, mode="drop")
     positions_B = jnp.minimum(state.positions_B, state.cache.length - 1)
     x_B1D, cache = model.hidden(token_B[:, None], positions_B[:, None], state.cache)
-    return DecodeState(
+    state = DecodeState(
         cache=cache,
         logits_BV=model.head(x_B1D)[:, 0],
         positions_B=state.positions_B + keep_B,
@@ -128,9 +146,10 @@ def decode_step(model, state: DecodeState, sampling: SamplingArrays, stop_ids) -
         top_ids_BNK=top_ids_BNK,
         top_logprobs_BNK=top_logprobs_BNK,
     )
+    return lay_out(state, mesh)
 
 
-def _decode_loop(graphdef, params, state, sampling, stop_ids, max_steps):
+def _decode_loop(graphdef, mesh, params, state, sampling, stop_ids, max_steps):
     model = nnx.merge(graphdef, params)
 
     def running(carry):
@@ -139,13 +158,13 @@ def _decode_loop(graphdef, params, state, sampling, stop_ids, max_steps):
 
     def step(carry):
         state, step = carry
-        return decode_step(model, state, sampling, stop_ids), step + 1
+        return decode_step(model, mesh, state, sampling, stop_ids), step + 1
 
-    return jax.lax.while_loop(running, step, (state, jnp.int32(0)))[0]
+    return lay_out(jax.lax.while_loop(running, step, (state, jnp.int32(0)))[0], mesh)
 
 
-prefill = jax.jit(_prefill, static_argnums=(0, 1, 2, 3))
-decode_loop = jax.jit(_decode_loop, static_argnums=(0,), donate_argnums=(2,))
+prefill = jax.jit(_prefill, static_argnums=(0, 1, 2, 3, 4))
+decode_loop = jax.jit(_decode_loop, static_argnums=(0, 1), donate_argnums=(3,))
 
 
 def prompt_ids(model: Model, prompt: Prompt) -> list[int]:
@@ -213,25 +232,26 @@ class Batch:
             lengths_P[p], max_new_P[p] = len(ids), n
         top_k = min(MAX_TOP_LOGPROBS, model.config.vocab_size) if params.top_logprobs else 0
         max_new_bucket = min(bucket(max(max_new)), context)
-        self.state = prefill(
-            model.graphdef, cache_len, top_k, max_new_bucket, model.params, tokens_PT, lengths_P, max_new_P
-        )
+        inputs = sharding.put((tokens_PT, lengths_P, max_new_P), model.mesh)
+        self.state = prefill(model.graphdef, cache_len, top_k, max_new_bucket, model.mesh, model.params, *inputs)
         if params.n > 1:  # each prompt is prefilled once and its state copied to its n rows
             source_B = np.array([p for p, _, _ in self.rows] + [0] * (B - len(self.rows)))
             state = jax.tree.map(lambda x: x[source_B], self.state)
             self.state = state._replace(finish_B=state.finish_B.at[len(self.rows) :].set(LENGTH))
         padding = [(SamplingParams(temperature=0.0), 0)] * (B - len(self.rows))
-        self.sampling = SamplingArrays.build([(params, i) for _, _, i in self.rows] + padding, model.config.vocab_size)
-        self.stop_ids = jnp.asarray(model.stop_token_ids or (-1,), jnp.int32)
+        sampling_rows = [(params, i) for _, _, i in self.rows] + padding
+        self.sampling = sharding.put(SamplingArrays.build(sampling_rows, model.config.vocab_size), model.mesh)
+        self.stop_ids = sharding.put(np.array(model.stop_token_ids or (-1,), np.int32), model.mesh)
         self._fed = [0] * len(self.rows)  # tokens of each row already pushed to its text stream
         self.stopped_at: dict[int, int] = {}  # row -> output length, for rows ended by a stop string
 
     def decode(self, max_steps: int) -> None:
-        self.state = decode_loop(self.model.graphdef, self.model.params, self.state, self.sampling, self.stop_ids, max_steps)
+        model = self.model
+        self.state = decode_loop(model.graphdef, model.mesh, model.params, self.state, self.sampling, self.stop_ids, max_steps)
 
     def stop_rows(self, rows: Sequence[int]) -> None:
         """Ends rows on the host's word (a stop string was found)."""
-        self.state = self.state._replace(finish_B=self.state.finish_B.at[jnp.asarray(rows)].set(STOPPED))
+        self.state = self.state._replace(finish_B=self.state.finish_B.at[np.asarray(rows)].set(STOPPED))
 
     def running(self) -> bool:
         return bool(jnp.any(self.state.finish_B == RUNNING))
@@ -279,7 +299,8 @@ def generate(model: Model, prompts: Sequence[Prompt], **sampling: Any) -> list[C
 
 
 def _completions(model: Model, batch: Batch, streams: list[TextStream]) -> list[Completion]:
-    state = jax.device_get(batch.state)
+    results = ("generated_B", "finish_B", "tokens_BN", "logprobs_BN", "top_ids_BNK", "top_logprobs_BNK")
+    state = SimpleNamespace(**jax.device_get({name: getattr(batch.state, name) for name in results}))
     tokenizer = model.tokenizer
     out = []
     for r, ((p, ids, i), stream) in enumerate(zip(batch.rows, streams)):

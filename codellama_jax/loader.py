@@ -9,8 +9,9 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from codellama_jax import checkpoint
+from codellama_jax import checkpoint, sharding
 from codellama_jax.chat import ChatTemplate, chat_template_for, read_chat_template
 from codellama_jax.config import LlamaConfig
 from codellama_jax.convert import open_checkpoint
@@ -20,18 +21,26 @@ from codellama_jax.tokenizer import Tokenizer, load_tokenizer
 
 
 class Model:
-    """A loaded model: configuration, the NNX module, tokenizer and chat template (both None when
-    the checkpoint has no tokenizer files)."""
+    """A loaded model: configuration, the NNX module with its parameters laid out on `mesh`,
+    tokenizer and chat template (both None when the checkpoint has no tokenizer files)."""
 
     def __init__(
-        self, config: LlamaConfig, module: Llama, tokenizer: Tokenizer | None, chat_template: ChatTemplate | None
+        self,
+        config: LlamaConfig,
+        module: Llama,
+        tokenizer: Tokenizer | None,
+        chat_template: ChatTemplate | None,
+        mesh: Mesh,
     ):
         self.config = config
         self.module = module
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        self.mesh = mesh
         self.graphdef, self.params = nnx.split(module)
-        self._forward = jax.jit(functools.partial(_forward, self.graphdef))
+        self._forward = jax.jit(
+            functools.partial(_forward, self.graphdef), out_shardings=sharding.replicated(mesh)
+        )
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:
@@ -57,7 +66,8 @@ class Model:
         for b, r in enumerate(rows):
             tokens_BT[b, : r.size] = r
         positions_BT = np.broadcast_to(np.arange(padded, dtype=np.int32), tokens_BT.shape)
-        logits_BTV = np.array(self._forward(self.params, tokens_BT, positions_BT)[:, :longest])
+        inputs = sharding.put((tokens_BT, positions_BT), self.mesh)
+        logits_BTV = np.array(self._forward(self.params, *inputs))[:, :longest]
         for b, n in enumerate(lengths):
             logits_BTV[b, n:] = np.nan
         return logits_BTV
@@ -77,31 +87,34 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def load(path: str | Path, *, dtype: str | None = None) -> Model:
+def load(path: str | Path, *, dtype: str | None = None, mesh: Mesh | None = None) -> Model:
     """Loads a converted checkpoint directory, a HF checkpoint directory or a `.gguf` file.
 
     `dtype` ("float32", "bfloat16", "float16") is both the parameter and the compute dtype;
-    by default bfloat16 on accelerators and float32 on CPU.
+    by default bfloat16 on accelerators and float32 on CPU. `mesh` (see `sharding.make_mesh`)
+    spreads the model over several devices, each receiving only its shards: a converted
+    checkpoint is restored straight into them; HF and GGUF tensors go one at a time. Without
+    a mesh the model lives on the first device.
     """
     path = Path(path)
     param_dtype = checkpoint.parse_dtype(dtype or default_dtype())
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    mesh = mesh or sharding.single_device_mesh()
     if checkpoint.is_checkpoint(path):
         checkpoint.check_format(path)
         config = with_generation_config(LlamaConfig.from_hf(path), path)
         graphdef, state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype))
-        state = checkpoint.restore_params(path, state, lambda p, var: device)
+        state = checkpoint.restore_params(path, state, lambda p, var: sharding.param_sharding(mesh, var))
         tokenizer, template = _optional_tokenizer(lambda: load_tokenizer(path)), read_chat_template(path)
     else:
         source = open_checkpoint(path)
         config = source.config
         graphdef, state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype))
-        arrays = {p: jax.device_put(v, device) for p, v in checkpoint.read_params(source, param_dtype)}
-        for p, var in nnx.to_flat_state(state):
-            var.value = arrays[p]
+        variables = dict(nnx.to_flat_state(state))
+        for p, value in checkpoint.read_params(source, param_dtype):
+            variables[p].value = jax.device_put(value, sharding.param_sharding(mesh, variables[p]))
         tokenizer, template = _optional_tokenizer(source.tokenizer), source.chat_template
     module = nnx.merge(graphdef, state)
-    return Model(config, module, tokenizer, tokenizer and chat_template_for(tokenizer, template))
+    return Model(config, module, tokenizer, tokenizer and chat_template_for(tokenizer, template), mesh)
 
 
 def _optional_tokenizer(read) -> Tokenizer | None:

@@ -3,6 +3,11 @@ transformers, and the real SmolLM2-135M GGUF."""
 
 from __future__ import annotations
 
+import os
+
+# 8 fake CPU devices for the sharding tests; must be set before jax is first imported
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
 import json
 import random
 from pathlib import Path
