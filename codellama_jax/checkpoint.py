@@ -1,7 +1,7 @@
 """Our checkpoint format: an orbax pytree of the model's parameters plus the HF-style files
 (config, tokenizer, generation settings) beside it, written one tensor at a time.
 
-    DST/codellama_jax.json   format marker and parameter dtype
+    DST/codellama_jax.json   format marker, parameter dtype and quantization (null or "int8")
     DST/config.json          LlamaConfig.to_hf()
     DST/tokenizer.*, tokenizer_config.json, generation_config.json
     DST/params/              orbax checkpoint, paths as in `weights.WEIGHT_TABLE`
@@ -25,6 +25,7 @@ from tqdm import tqdm
 from codellama_jax import weights
 from codellama_jax.config import LlamaConfig
 from codellama_jax.model import abstract_model
+from codellama_jax.quantize import quantize_int8, scale_path
 
 FORMAT_FILE = "codellama_jax.json"
 PARAMS_DIR = "params"
@@ -70,8 +71,11 @@ def read_params(source, dtype, *, progress: bool = False) -> Iterator[tuple[weig
         yield path, np.ascontiguousarray(value, dtype=np_dtype)
 
 
-def convert(source, dst: str | Path, *, dtype: str = "bfloat16", progress: bool = False) -> Path:
-    """Writes `source` (an HF or GGUF reader) as our checkpoint at `dst`, streaming.
+def convert(
+    source, dst: str | Path, *, dtype: str = "bfloat16", quantize: str | None = None, progress: bool = False
+) -> Path:
+    """Writes `source` (an HF or GGUF reader) as our checkpoint at `dst`, streaming; with
+    `quantize="int8"` the matmul weights and embedding are stored int8 (`quantize.py`).
 
     Host memory stays near twice the largest tensor: tensors are buffered until they add up to
     the largest one, then appended to the orbax checkpoint. Work happens in a temporary sibling
@@ -81,6 +85,7 @@ def convert(source, dst: str | Path, *, dtype: str = "bfloat16", progress: bool 
     if dst.exists():
         raise FileExistsError(f"{dst}: already exists; remove it or choose another destination")
     param_dtype = parse_dtype(dtype)
+    int8_axes = quantized_axes(source.config, quantize)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -91,8 +96,14 @@ def convert(source, dst: str | Path, *, dtype: str = "bfloat16", progress: bool 
         batch: dict = {}
         batch_bytes = 0
         for path, value in read_params(source, param_dtype, progress=progress):
-            _nest(batch, path, value)
-            batch_bytes += value.nbytes
+            if path in int8_axes:
+                q, scale = jax.device_get(quantize_int8(value, int8_axes[path]))
+                tensors = {path: q, scale_path(path): scale}
+            else:
+                tensors = {path: value}
+            for p, v in tensors.items():
+                _nest(batch, p, v)
+                batch_bytes += v.nbytes
             if batch_bytes >= budget:
                 ocp.partial.save(params_dir, batch)
                 batch, batch_bytes = {}, 0
@@ -102,7 +113,10 @@ def convert(source, dst: str | Path, *, dtype: str = "bfloat16", progress: bool 
         source.write_assets(tmp)
         (tmp / "config.json").write_text(json.dumps(source.config.to_hf(), indent=2))
         (tmp / FORMAT_FILE).write_text(
-            json.dumps({"format_version": FORMAT_VERSION, "dtype": dtype, "source": str(source.path)}, indent=2)
+            json.dumps(
+                {"format_version": FORMAT_VERSION, "dtype": dtype, "quantization": quantize, "source": str(source.path)},
+                indent=2,
+            )
         )
         os.replace(tmp, dst)
     except BaseException:
@@ -112,25 +126,47 @@ def convert(source, dst: str | Path, *, dtype: str = "bfloat16", progress: bool 
     return dst
 
 
-def check_format(path: str | Path) -> None:
-    """Refuses a checkpoint written in another version of our format."""
+def check_format(path: str | Path) -> str | None:
+    """The checkpoint's quantization (None or "int8"); refuses another version of our format."""
     info = json.loads((Path(path) / FORMAT_FILE).read_text())
     if info.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path}: checkpoint format version {info.get('format_version')}, this library reads {FORMAT_VERSION}; "
             "convert the source checkpoint again"
         )
+    return info.get("quantization")
+
+
+def quantized_axes(config: LlamaConfig, quant: str | None) -> dict[weights.ParamPath, tuple[int, ...]]:
+    """The parameters `quant` stores as int8, with the input axes their scales reduce over."""
+    state = nnx.state(abstract_model(config, quant=quant), nnx.Param)
+    return {p: var.quant_axes for p, var in nnx.to_flat_state(state) if var.dtype == jnp.int8}
 
 
 def restore_params(path: str | Path, abstract_state: nnx.State, sharding) -> nnx.State:
-    """The parameters of a checkpoint, restored straight into `sharding` (a function of the path
-    and the abstract variable) and cast to the abstract state's dtypes."""
+    """The parameters of a checkpoint, restored straight into `sharding` (a function of the
+    abstract variable) and cast to the abstract state's dtypes."""
     target: dict = {}
     for p, var in nnx.to_flat_state(abstract_state):
-        _nest(target, p, jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding(p, var)))
+        _nest(target, p, jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding(var)))
     restored = ocp.load_pytree(Path(path).absolute() / PARAMS_DIR, target)
     nnx.replace_by_pure_dict(abstract_state, restored)
     return abstract_state
+
+
+def iter_params(path: str | Path, abstract_state: nnx.State, sharding) -> Iterator[tuple[weights.ParamPath, jax.Array]]:
+    """The parameters one at a time, each restored straight into `sharding(variable)`:
+    for loaders that transform each one (quantization) before the next is read."""
+    context = ocp.Context()
+    context.pytree.loading.partial_load = True
+    for p, var in nnx.to_flat_state(abstract_state):
+        target: dict = {}
+        _nest(target, p, jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding(var)))
+        with context:
+            restored = ocp.load_pytree(Path(path).absolute() / PARAMS_DIR, target)
+        for key in p:
+            restored = restored[key]
+        yield p, restored
 
 
 def _nest(tree: dict, path: weights.ParamPath, value) -> None:

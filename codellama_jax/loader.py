@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -16,7 +17,8 @@ from codellama_jax.chat import ChatTemplate, chat_template_for, read_chat_templa
 from codellama_jax.config import LlamaConfig
 from codellama_jax.convert import open_checkpoint
 from codellama_jax.convert.hf import with_generation_config
-from codellama_jax.model import Llama, abstract_model
+from codellama_jax.model import QUANTIZATIONS, Llama, abstract_model
+from codellama_jax.quantize import quantize_int8, scale_path
 from codellama_jax.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -87,34 +89,55 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def load(path: str | Path, *, dtype: str | None = None, mesh: Mesh | None = None) -> Model:
+def load(path: str | Path, *, dtype: str | None = None, mesh: Mesh | None = None, quantize: str | None = None) -> Model:
     """Loads a converted checkpoint directory, a HF checkpoint directory or a `.gguf` file.
 
-    `dtype` ("float32", "bfloat16", "float16") is both the parameter and the compute dtype;
-    by default bfloat16 on accelerators and float32 on CPU. `mesh` (see `sharding.make_mesh`)
-    spreads the model over several devices, each receiving only its shards: a converted
-    checkpoint is restored straight into them; HF and GGUF tensors go one at a time. Without
-    a mesh the model lives on the first device.
+    `dtype` ("float32", "bfloat16", "float16") is the compute dtype and that of the parameters;
+    by default bfloat16 on accelerators and float32 on CPU. `quantize="int8"` keeps the matmul
+    weights and embedding int8 (a checkpoint converted with `--quantize int8` is int8 anyway);
+    each weight is quantized on its devices as it arrives, so the full-precision model is never
+    held. `mesh` (see `sharding.make_mesh`) spreads the model over several devices, each
+    receiving only its shards. Without a mesh the model lives on the first device.
     """
     path = Path(path)
     param_dtype = checkpoint.parse_dtype(dtype or default_dtype())
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unsupported quantization {quantize!r}; choose one of: {', '.join(map(str, QUANTIZATIONS))}")
     mesh = mesh or sharding.single_device_mesh()
+    place = functools.partial(sharding.param_sharding, mesh)
     if checkpoint.is_checkpoint(path):
-        checkpoint.check_format(path)
+        stored = checkpoint.check_format(path)
         config = with_generation_config(LlamaConfig.from_hf(path), path)
-        graphdef, state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype))
-        state = checkpoint.restore_params(path, state, lambda p, var: sharding.param_sharding(mesh, var))
+        graphdef, state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype, quant=stored or quantize))
+        if stored or not quantize:
+            state = checkpoint.restore_params(path, state, place)
+        else:  # a full-precision checkpoint, quantized one tensor at a time
+            float_state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype))[1]
+            _fill(state, mesh, checkpoint.iter_params(path, float_state, place))
         tokenizer, template = _optional_tokenizer(lambda: load_tokenizer(path)), read_chat_template(path)
     else:
         source = open_checkpoint(path)
         config = source.config
-        graphdef, state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype))
-        variables = dict(nnx.to_flat_state(state))
-        for p, value in checkpoint.read_params(source, param_dtype):
-            variables[p].value = jax.device_put(value, sharding.param_sharding(mesh, variables[p]))
+        graphdef, state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype, quant=quantize))
+        _fill(state, mesh, checkpoint.read_params(source, param_dtype))
         tokenizer, template = _optional_tokenizer(source.tokenizer), source.chat_template
     module = nnx.merge(graphdef, state)
     return Model(config, module, tokenizer, tokenizer and chat_template_for(tokenizer, template), mesh)
+
+
+def _fill(state: nnx.State, mesh: Mesh, tensors) -> None:
+    """Sets the abstract state's variables from (path, full-precision array) pairs, each on its
+    shards; an int8 variable gets the weight quantized there, and its scale beside it."""
+    variables = dict(nnx.to_flat_state(state))
+    for p, value in tensors:
+        var = variables[p]
+        placed = jax.device_put(value, sharding.param_sharding(mesh, var))
+        if var.dtype == jnp.int8:
+            scale_var = variables[scale_path(p)]
+            q, scale = quantize_int8(placed, var.quant_axes)
+            var.value, scale_var.value = q, jax.device_put(scale, sharding.param_sharding(mesh, scale_var))
+        else:
+            var.value = placed
 
 
 def _optional_tokenizer(read) -> Tokenizer | None:

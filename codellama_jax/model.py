@@ -19,6 +19,7 @@ from codellama_jax.config import LlamaConfig
 from codellama_jax.kv_cache import KVCache
 
 _INIT = nnx.initializers.normal(0.02)
+QUANTIZATIONS = (None, "int8")
 
 
 class Proj(nnx.Module):
@@ -26,11 +27,19 @@ class Proj(nnx.Module):
 
     The kernel keeps its head structure (`q_proj` is `[D, N, H]`, `o_proj` `[N, H, D]`) for
     sharding, but is applied as one 2-D matmul: XLA runs a contraction over several axes
-    (`BTNH,NHD->BTD`) many times slower than the same product reshaped.
+    (`BTNH,NHD->BTD`) many times slower than the same product reshaped. With `quant="int8"`
+    the kernel is int8 with a float32 scale per output channel (`quantize.py`), dequantized
+    inside the matmul.
     """
 
-    def __init__(self, in_shape, out_shape, axes: tuple[str, ...], *, param_dtype, dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_INIT(rngs.params(), (*in_shape, *out_shape), param_dtype), axes=axes)
+    def __init__(self, in_shape, out_shape, axes: tuple[str, ...], *, param_dtype, dtype, quant=None, rngs: nnx.Rngs):
+        shape, in_axes = (*in_shape, *out_shape), tuple(range(len(in_shape)))
+        if quant == "int8":
+            self.kernel = nnx.Param(jnp.zeros(shape, jnp.int8), axes=axes, quant_axes=in_axes)
+            self.scale = nnx.Param(jnp.ones(out_shape, jnp.float32), axes=axes[len(in_shape) :])
+        else:
+            self.kernel = nnx.Param(_INIT(rngs.params(), shape, param_dtype), axes=axes)
+            self.scale = None
         self.num_in = len(in_shape)
         self.dtype = dtype
 
@@ -39,6 +48,8 @@ class Proj(nnx.Module):
         in_shape, out_shape = kernel.shape[: self.num_in], kernel.shape[self.num_in :]
         lead = x.shape[: x.ndim - self.num_in]
         y = x.astype(self.dtype).reshape(-1, math.prod(in_shape)) @ kernel.reshape(math.prod(in_shape), -1)
+        if self.scale is not None:
+            y = y * self.scale[...].reshape(-1).astype(self.dtype)
         return y.reshape(*lead, *out_shape)
 
 
@@ -108,9 +119,9 @@ def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: ja
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, param_dtype, dtype, quant, rngs: nnx.Rngs):
         D, N, K, H = config.dim, config.num_heads, config.num_kv_heads, config.head_dim
-        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        kw = dict(param_dtype=param_dtype, dtype=dtype, quant=quant, rngs=rngs)
         self.q_proj = Proj((D,), (N, H), ("embed", "heads", "head_dim"), **kw)
         self.k_proj = Proj((D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
         self.v_proj = Proj((D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
@@ -136,9 +147,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: LlamaConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, param_dtype, dtype, quant, rngs: nnx.Rngs):
         D, F = config.dim, config.ffn_dim
-        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        kw = dict(param_dtype=param_dtype, dtype=dtype, quant=quant, rngs=rngs)
         self.gate_proj = Proj((D,), (F,), ("embed", "mlp"), **kw)
         self.up_proj = Proj((D,), (F,), ("embed", "mlp"), **kw)
         self.down_proj = Proj((F,), (D,), ("mlp", "embed"), **kw)
@@ -149,11 +160,11 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, param_dtype, dtype, quant, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(config.dim, config.rms_norm_eps, param_dtype=param_dtype)
-        self.attn = Attention(config, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.attn = Attention(config, param_dtype=param_dtype, dtype=dtype, quant=quant, rngs=rngs)
         self.mlp_norm = RMSNorm(config.dim, config.rms_norm_eps, param_dtype=param_dtype)
-        self.mlp = MLP(config, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(config, param_dtype=param_dtype, dtype=dtype, quant=quant, rngs=rngs)
 
     def __call__(self, x_BTD, positions_BT, rope, mask_BTS, kv):
         attn_BTD, kv = self.attn(self.attn_norm(x_BTD), positions_BT, rope, mask_BTS, kv)
@@ -162,22 +173,32 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """Decoder-only Llama. `param_dtype` is how weights are stored, `dtype` how activations compute."""
+    """Decoder-only Llama. `param_dtype` is how weights are stored, `dtype` how activations
+    compute; `quant="int8"` stores the matmul weights and the embedding table as int8 with a
+    float32 scale per output channel (per vocabulary row for the embedding)."""
 
-    def __init__(self, config: LlamaConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, config: LlamaConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, quant: str | None = None, rngs: nnx.Rngs
+    ):
+        if quant not in QUANTIZATIONS:
+            raise ValueError(f"unsupported quantization {quant!r}; choose one of: {', '.join(map(str, QUANTIZATIONS))}")
         self.config = config
         self.dtype = dtype
-        self.embed = nnx.Param(
-            _INIT(rngs.params(), (config.vocab_size, config.dim), param_dtype), axes=("vocab", "embed")
-        )
+        V, D = config.vocab_size, config.dim
+        if quant == "int8":
+            self.embed = nnx.Param(jnp.zeros((V, D), jnp.int8), axes=("vocab", "embed"), quant_axes=(1,))
+            self.embed_scale = nnx.Param(jnp.ones((V,), jnp.float32), axes=("vocab",))
+        else:
+            self.embed = nnx.Param(_INIT(rngs.params(), (V, D), param_dtype), axes=("vocab", "embed"))
+            self.embed_scale = None
         self.layers = nnx.List(
-            [Block(config, param_dtype=param_dtype, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
+            [Block(config, param_dtype=param_dtype, dtype=dtype, quant=quant, rngs=rngs) for _ in range(config.num_layers)]
         )
         self.norm = RMSNorm(config.dim, config.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = (
             None
             if config.tie_embeddings
-            else Proj((config.dim,), (config.vocab_size,), ("embed", "vocab"), param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+            else Proj((D,), (V,), ("embed", "vocab"), param_dtype=param_dtype, dtype=dtype, quant=quant, rngs=rngs)
         )
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
@@ -190,6 +211,8 @@ class Llama(nnx.Module):
         """Final-norm hidden states `[B, T, D]` and the cache: the tokens' own keys and values
         (`[B, K, T, H]` per layer) without a cache, else the given cache with them written in."""
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
+        if self.embed_scale is not None:
+            x_BTD = x_BTD * jnp.take(self.embed_scale[...], tokens_BT, axis=0)[..., None].astype(self.dtype)
         rope = rope_tables(positions_BT, self.config, self.dtype)
         if cache is None:  # causal over the given positions
             mask_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
@@ -207,11 +230,13 @@ class Llama(nnx.Module):
         """Float32 logits of hidden states (the tied embedding or lm_head)."""
         if self.lm_head is None:
             logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, self.embed[...].astype(self.dtype))
+            if self.embed_scale is not None:
+                logits_BTV = logits_BTV * self.embed_scale[...].astype(self.dtype)
         else:
             logits_BTV = self.lm_head(x_BTD)
         return logits_BTV.astype(jnp.float32)
 
 
-def abstract_model(config: LlamaConfig, *, param_dtype=jnp.float32, dtype=jnp.float32) -> Llama:
+def abstract_model(config: LlamaConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, quant: str | None = None) -> Llama:
     """The model's structure with `ShapeDtypeStruct` leaves: no memory is allocated."""
-    return nnx.eval_shape(lambda: Llama(config, param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: Llama(config, param_dtype=param_dtype, dtype=dtype, quant=quant, rngs=nnx.Rngs(0)))

@@ -25,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(checkpoint.DTYPES),
         help="parameter dtype stored in the checkpoint (default: bfloat16)",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="store matmul weights and the embedding as int8 with a float32 scale per output channel "
+        "(about half the bytes of bfloat16); norms stay in --dtype",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -34,10 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(
                 f"{args.src}: {c.num_layers} layers, dim {c.dim}, {c.num_heads} heads / {c.num_kv_heads} kv heads, "
-                f"vocab {c.vocab_size}, {c.num_params / 1e9:.2f}B parameters -> {args.dtype}",
+                f"vocab {c.vocab_size}, {c.num_params / 1e9:.2f}B parameters -> {args.dtype}"
+                + (f", {args.quantize} weights" if args.quantize else ""),
                 file=sys.stderr,
             )
-        dst = checkpoint.convert(source, args.dst, dtype=args.dtype, progress=not args.quiet)
+        dst = checkpoint.convert(
+            source, args.dst, dtype=args.dtype, quantize=args.quantize, progress=not args.quiet
+        )
     except (OSError, ValueError, KeyError) as e:
         print(f"codellama-convert: error: {e}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -49,7 +50,7 @@ def test_cli_converts_and_copies_assets(hf_dir, tmp_path):
 def test_cli_help_explains_every_flag():
     result = _run_cli("--help")
     assert result.returncode == 0
-    for flag in ("--dtype", "--quiet", "src", "dst"):
+    for flag in ("--dtype", "--quantize", "--quiet", "src", "dst"):
         assert flag in result.stdout
 
 
@@ -209,14 +210,8 @@ def test_gguf_with_unsupported_quant_type_is_refused(hf_dir, sp_dir, tmp_path):
     assert not (tmp_path / "dst").exists()
 
 
-def test_conversion_streams_with_bounded_memory(tmp_path, sp_dir):
-    """Peak RSS of converting a multi-shard checkpoint, against the size of its largest tensor."""
-    hf = write_hf_checkpoint(
-        tmp_path / "big", sp_dir, vocab_size=SP_VOCAB, hidden_size=512, intermediate_size=4096,
-        num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, max_shard_size="20MB",
-    )  # fmt: skip
-    largest = 4096 * 512 * 4
-    total = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
+def _conversion_rss_growth(hf: Path, dst: Path) -> int:
+    """Peak RSS growth (bytes) of converting `hf` in a fresh process, over its RSS after imports."""
     code = (
         "import re\n"
         "from codellama_jax.checkpoint import convert\n"
@@ -224,14 +219,30 @@ def test_conversion_streams_with_bounded_memory(tmp_path, sp_dir):
         "def hwm(): return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
         "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak to the current RSS\n"
         "base = hwm()\n"
-        f"convert(open_checkpoint({str(hf)!r}), {str(tmp_path / 'out')!r}, dtype='float32')\n"
+        f"convert(open_checkpoint({str(hf)!r}), {str(dst)!r}, dtype='float32')\n"
         "print(base, hwm())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     base_kib, peak_kib = map(int, out.stdout.split())
-    growth = (peak_kib - base_kib) * 1024
-    print(f"checkpoint {total / 2**20:.0f} MiB, largest tensor {largest / 2**20:.0f} MiB, RSS growth {growth / 2**20:.0f} MiB")
-    assert growth < total  # never the whole model in memory
+    return (peak_kib - base_kib) * 1024
+
+
+def test_conversion_streams_with_bounded_memory(tmp_path, sp_dir):
+    """Peak RSS converting a 6-layer multi-shard checkpoint stays within the fixed overhead (the
+    growth for 1 layer of the same shapes: runtime buffers, one batch) plus 2x the largest tensor."""
+    shapes = dict(vocab_size=SP_VOCAB, hidden_size=768, intermediate_size=6144, num_attention_heads=8,
+                  num_key_value_heads=8, max_shard_size="40MB")  # fmt: skip
+    largest = 768 * 6144 * 4
+    small = write_hf_checkpoint(tmp_path / "small", sp_dir, num_hidden_layers=1, **shapes)
+    big = write_hf_checkpoint(tmp_path / "big", sp_dir, num_hidden_layers=6, **shapes)
+    total = sum(f.stat().st_size for f in big.glob("*.safetensors"))
+    fixed = _conversion_rss_growth(small, tmp_path / "small-out")
+    growth = _conversion_rss_growth(big, tmp_path / "big-out")
+    print(
+        f"checkpoint {total / 2**20:.0f} MiB in {len(list(big.glob('*.safetensors')))} shards, largest tensor "
+        f"{largest / 2**20:.0f} MiB: RSS growth {growth / 2**20:.0f} MiB, fixed overhead {fixed / 2**20:.0f} MiB"
+    )
+    assert growth < fixed + 2 * largest
 
 
 def test_checkpoint_of_another_format_version_is_refused(hf_dir, tmp_path):

@@ -1,0 +1,211 @@
+"""Memory planner: what a model needs on each device, before anything is allocated.
+
+    codellama-plan --model codellama-70b-instruct --devices 8 --device-memory 16GiB \\
+                   --dtype bfloat16 --max-batch 8 --max-len 4096
+
+Weights and KV cache are exact: they come from the model's abstract parameters and the cache
+shape laid out by the same rule table as a real run (`sharding.py`), so replication (kv heads
+on a model axis larger than their count) is counted. Working memory is an estimate: one
+prefill of `max_len` tokens (attention scores, MLP activations, its keys and values) plus
+the per-row decode state. A plan fits when the sum stays within `usable` of device memory,
+the rest being left to XLA's own buffers. The command exits 0 when the plan fits, 2 when not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from codellama_jax import sharding
+from codellama_jax.checkpoint import DTYPES
+from codellama_jax.config import PRESETS, LlamaConfig
+from codellama_jax.model import abstract_model
+
+WEIGHT_DTYPES = (*DTYPES, "int8")  # int8: int8 weights, bfloat16 compute
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Bytes per device (the fullest one) for one deployment."""
+
+    config: LlamaConfig
+    mesh_shape: tuple[int, int]
+    device_memory: int
+    dtype: str
+    compute_dtype: str
+    max_batch: int
+    max_len: int
+    usable: float
+    weight_bytes: int
+    cache_bytes: int
+    work_bytes: int
+    largest_batch: int  # at max_len; 0 when not even one row fits
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.cache_bytes + self.work_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.usable * self.device_memory
+
+    def report(self, name: str = "model") -> str:
+        devices = math.prod(self.mesh_shape)
+        lines = [
+            f"{name}: {self.config.num_params / 1e9:.2f}B parameters, {self.dtype} weights, {self.compute_dtype} "
+            f"compute, {devices} device(s) "
+            f"as mesh {self.mesh_shape[0]}x{self.mesh_shape[1]} (data x model), {_gib(self.device_memory)} each",
+            f"  weights         {_gib(self.weight_bytes):>12} per device",
+            f"  KV cache        {_gib(self.cache_bytes):>12} per device "
+            f"(batch {self.max_batch} x {self.max_len} tokens, {self.compute_dtype})",
+            f"  working memory  {_gib(self.work_bytes):>12} per device (estimate: a {self.max_len}-token prefill "
+            "and the decode state)",
+            f"  total           {_gib(self.total_bytes):>12} of {_gib(self.usable * self.device_memory)} usable "
+            f"({self.usable:.0%}): {'fits' if self.fits else 'does NOT fit'}",
+            f"  largest batch that fits at {self.max_len} tokens: {self.largest_batch}",
+        ]
+        return "\n".join(lines)
+
+
+def plan(
+    config: LlamaConfig,
+    *,
+    devices: int,
+    device_memory: int,
+    dtype: str = "bfloat16",
+    max_batch: int = 1,
+    max_len: int | None = None,
+    mesh_shape: tuple[int, int] | None = None,
+    usable: float = 0.9,
+    compute_dtype: str | None = None,
+) -> Plan:
+    """The memory plan of `config` on `devices` devices of `device_memory` bytes each.
+
+    `compute_dtype` (that of activations, KV cache and unquantized parameters) is `dtype` for
+    float weights and bfloat16 for int8 ones unless given."""
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(WEIGHT_DTYPES)}")
+    max_len = max_len or config.max_seq_len
+    if not 1 <= max_len <= config.max_seq_len:
+        raise ValueError(f"max_len {max_len} is outside [1, {config.max_seq_len}] (the model's context)")
+    if max_batch < 1 or devices < 1 or device_memory < 1 or not 0 < usable <= 1:
+        raise ValueError("max_batch, devices and device_memory must be positive, usable in (0, 1]")
+    mesh_shape = tuple(mesh_shape or (1, devices))
+    if len(mesh_shape) != 2 or math.prod(mesh_shape) != devices:
+        raise ValueError(f"mesh {mesh_shape} does not hold {devices} devices")
+    mesh = jax.sharding.AbstractMesh(mesh_shape, (sharding.DATA, sharding.MODEL))
+    quant = "int8" if dtype == "int8" else None
+    compute = DTYPES[compute_dtype or ("bfloat16" if quant else dtype)]
+    weights = _weight_bytes(config, mesh, compute, quant)
+
+    def need(batch: int) -> tuple[int, int]:
+        return _cache_bytes(config, mesh, batch, max_len, compute), _work_bytes(config, mesh, batch, max_len, compute)
+
+    budget = usable * device_memory
+    largest, step = 0, 1
+    while sum(need(largest + step)) + weights <= budget:  # grow, then halve the step
+        largest, step = largest + step, step * 2
+    while step > 1:
+        step //= 2
+        if sum(need(largest + step)) + weights <= budget:
+            largest += step
+    cache, work = need(max_batch)
+    return Plan(
+        config, mesh_shape, device_memory, dtype, np.dtype(compute).name, max_batch, max_len, usable,
+        weights, cache, work, largest,
+    )  # fmt: skip
+
+
+def _shard_bytes(mesh, axes, shape, itemsize: int) -> int:
+    spec = sharding.spec(mesh, axes, shape)
+    return itemsize * math.prod(n // (mesh.shape[s] if s else 1) for n, s in zip(shape, spec))
+
+
+def _weight_bytes(config: LlamaConfig, mesh, param_dtype, quant) -> int:
+    state = nnx.state(abstract_model(config, param_dtype=param_dtype, quant=quant), nnx.Param)
+    return sum(
+        _shard_bytes(mesh, var.axes, var.shape, np.dtype(var.dtype).itemsize) for _, var in nnx.to_flat_state(state)
+    )
+
+
+def _cache_bytes(config: LlamaConfig, mesh, batch: int, length: int, dtype) -> int:
+    shape = (batch, config.num_kv_heads, length, config.head_dim)
+    return 2 * config.num_layers * _shard_bytes(mesh, sharding.CACHE_AXES, shape, np.dtype(dtype).itemsize)
+
+
+def _work_bytes(config: LlamaConfig, mesh, batch: int, length: int, dtype) -> int:
+    """One row's prefill at `length` (float32 attention scores of one layer, the MLP's three
+    activations, the prompt's keys and values before they enter the cache) and the decode
+    state (logits, counts and seen flags per row over the vocabulary)."""
+    itemsize = np.dtype(dtype).itemsize
+    scores = _shard_bytes(mesh, ("heads", None, None), (config.num_heads, length, length), 4)
+    mlp = 3 * _shard_bytes(mesh, (None, "mlp"), (length, config.ffn_dim), itemsize)
+    prompt_kv = _cache_bytes(config, mesh, 1, length, dtype)
+    state = _shard_bytes(mesh, ("batch", None), (batch, config.vocab_size), 4 + 4 + 1)
+    return scores + mlp + prompt_kv + state
+
+
+def parse_bytes(text: str) -> int:
+    """'16GiB', '80GB', '141 GiB', '1.5TiB' or a plain number of bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = m and m.group(2).upper()
+    if not m or unit not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 16GiB, 80GB or 141GiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _config(model: str) -> LlamaConfig:
+    if model in PRESETS:
+        return PRESETS[model]
+    if Path(model).exists():
+        return LlamaConfig.from_hf(model)
+    raise ValueError(f"{model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a checkpoint directory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="codellama-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="a preset name or a checkpoint directory with config.json")
+    parser.add_argument("--devices", type=int, default=1, help="number of accelerators (default 1)")
+    parser.add_argument("--device-memory", required=True, help="memory of one device, e.g. 16GiB, 80GB, 141GiB")
+    parser.add_argument("--dtype", default="bfloat16", choices=WEIGHT_DTYPES, help="weight dtype (int8: int8 weights, bfloat16 compute)")
+    parser.add_argument("--max-batch", type=int, default=1, help="decode rows held at once (default 1)")
+    parser.add_argument("--max-len", type=int, help="tokens per row, prompt and output (default: the context)")
+    parser.add_argument("--mesh", help="DATAxMODEL, e.g. 2x4 (default: every device on the model axis)")
+    parser.add_argument("--usable", type=float, default=0.9, help="fraction of device memory to plan for (default 0.9)")
+    args = parser.parse_args(argv)
+    try:
+        mesh_shape = None
+        if args.mesh:
+            if not re.fullmatch(r"\d+x\d+", args.mesh):
+                raise ValueError(f"--mesh {args.mesh!r}: write DATAxMODEL, e.g. 2x4")
+            mesh_shape = tuple(map(int, args.mesh.split("x")))
+        result = plan(
+            _config(args.model), devices=args.devices, device_memory=parse_bytes(args.device_memory),
+            dtype=args.dtype, max_batch=args.max_batch, max_len=args.max_len, mesh_shape=mesh_shape,
+            usable=args.usable,
+        )  # fmt: skip
+    except (ValueError, OSError) as e:
+        print(f"codellama-plan: error: {e}", file=sys.stderr)
+        return 1
+    print(result.report(args.model))
+    return 0 if result.fits else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

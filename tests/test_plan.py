@@ -1,0 +1,80 @@
+"""The memory planner against real allocations: its weight and KV-cache bytes per device equal
+those of a model loaded on a mesh of fake devices; and its CLI."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from codellama_jax import load, sharding
+from codellama_jax.config import LlamaConfig
+from codellama_jax.generation import Batch
+from codellama_jax.plan import main, parse_bytes, plan
+from codellama_jax.sampling import SamplingParams
+
+from conftest import write_hf_checkpoint
+
+
+def _bytes_on_first_device(tree) -> int:
+    device = jax.devices()[0]
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("mesh_shape", [(1, 8), (2, 4)])
+def test_weights_and_cache_match_a_real_sharded_model(tmp_path, sp_dir, dtype, mesh_shape):
+    hf_dir = write_hf_checkpoint(tmp_path / "hf", sp_dir, num_attention_heads=8, num_key_value_heads=2)
+    mesh = sharding.make_mesh(mesh_shape)
+    model = load(hf_dir, dtype="float32", mesh=mesh, quantize="int8" if dtype == "int8" else None)
+    prompts = [[1, 2, 3]] * 4
+    batch = Batch(model, prompts, SamplingParams(temperature=0.0, max_tokens=20))
+    cache_len = batch.state.cache.length
+    result = plan(model.config, devices=8, device_memory=parse_bytes("1GiB"), dtype=dtype, max_batch=4,
+                  max_len=cache_len, mesh_shape=mesh_shape, compute_dtype="float32")  # fmt: skip
+    assert result.weight_bytes == _bytes_on_first_device(model.params)
+    assert result.cache_bytes == _bytes_on_first_device(batch.state.cache)
+    assert result.fits and result.largest_batch >= 4
+
+
+def test_70b_figures():
+    config = LlamaConfig.preset("codellama-70b-instruct")
+    gib = 2**30
+    v5e = plan(config, devices=8, device_memory=16 * gib, dtype="bfloat16", max_batch=8, max_len=4096)
+    assert not v5e.fits and v5e.largest_batch == 0  # 140 GB of weights cannot fit 8 x 16 GiB
+    assert abs(v5e.weight_bytes - config.num_params * 2 / 8) < 0.001 * v5e.weight_bytes
+    h100x8 = plan(config, devices=8, device_memory=80 * gib, dtype="bfloat16", max_batch=8, max_len=4096)
+    assert h100x8.fits and h100x8.cache_bytes == 80 * 2 * 8 * 4096 * 8 * 128 * 2 // 8
+    h200 = plan(config, devices=1, device_memory=141 * gib, dtype="int8", max_batch=8, max_len=4096)
+    assert h200.fits and h200.weight_bytes < 0.51 * config.num_params * 2
+    # 16 devices on the model axis: the 8 kv heads are replicated, so the cache is not split
+    v5e16 = plan(config, devices=16, device_memory=16 * gib, dtype="bfloat16", max_batch=8, max_len=4096)
+    assert v5e16.cache_bytes == h100x8.cache_bytes * 8
+
+
+def test_cli(capsys):
+    args = ["--model", "codellama-70b-instruct", "--devices", "1", "--device-memory", "141GiB", "--dtype", "int8",
+            "--max-batch", "8", "--max-len", "4096"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "int8 weights" in out and "fits" in out and "largest batch that fits at 4096 tokens" in out
+    assert main([*args[:5], "80GB", "--dtype", "bfloat16"]) == 2
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device-memory", "lots"], "cannot read 'lots' as a memory size"),
+        (["--device-memory", "16GiB", "--max-len", "9999"], "max_len 9999 is outside [1, 4096]"),
+        (["--device-memory", "16GiB", "--devices", "8", "--mesh", "3x3"], "does not hold 8 devices"),
+        (["--device-memory", "16GiB", "--mesh", "two"], "write DATAxMODEL"),
+    ],
+)
+def test_cli_errors_are_readable(capsys, args, message):
+    assert main(["--model", "codellama-70b-instruct", *args]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_model_is_named(capsys):
+    assert main(["--model", "llama-9000", "--device-memory", "16GiB"]) == 1
+    assert "'llama-9000' is neither a preset" in capsys.readouterr().err
