@@ -3,12 +3,15 @@
     python benchmarks/generate.py                                   # SmolLM2-135M, batch 1 8 32
     python benchmarks/generate.py --random dim=1024,ffn=2816,layers=8,heads=16,kv_heads=4,vocab=32016
     python benchmarks/generate.py --batches 1 8 --new-tokens 32 --skip-transformers
+    python benchmarks/generate.py --model /ckpt/codellama-70b --dtype bfloat16 --mesh 1x8 --skip-transformers
 
 Every row says how far decode is from the memory-bandwidth bound: a decode step must read every
-weight once, so batch-B decode cannot exceed B * bandwidth / weight bytes tokens/s (bandwidth
-measured here with a BLAS matrix-vector product), and next to the "matmul floor": the rate of
+weight once, so batch-B decode cannot exceed B * bandwidth * devices / weight bytes tokens/s
+(bandwidth of one device, measured here with a matrix-vector product), and next to the "matmul floor": the rate of
 the model's weight matmuls alone, run back to back through XLA, which no full step can beat on
-the same backend. Stop tokens are suppressed on both sides so
+the same backend. "temp MiB" is the decode loop's working memory as XLA compiled it: with int8
+weights, a figure near the dequantized weights' size means XLA keeps a full-precision copy of
+them (as XLA:CPU does). Stop tokens are suppressed on both sides so
 every row decodes exactly `--new-tokens` tokens. llama.cpp (llama-cpp-python) is a third column
 at batch 1 when it is installed and the model is a GGUF file.
 """
@@ -16,7 +19,6 @@ at batch 1 when it is installed and the model is a GGUF file.
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -26,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from codellama_jax import load
+from codellama_jax import load, make_mesh
 from codellama_jax.demo_model import fetch_smollm2
-from codellama_jax.generation import Batch
+from codellama_jax.generation import Batch, decode_loop
 from codellama_jax.model import Proj
 from codellama_jax.sampling import SamplingParams
 
@@ -36,10 +38,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def memory_bandwidth() -> float:
-    """Bytes/s of a float32 matrix-vector product over a 256 MiB matrix (best of 5)."""
-    w = np.random.default_rng(0).random((8192, 8192), dtype=np.float32)
-    x = np.ones(8192, np.float32)
-    best = min(_seconds(lambda: w @ x) for _ in range(5))
+    """Bytes/s of one device reading a float32 matrix in a matrix-vector product (best of 5):
+    BLAS over 256 MiB on CPU, XLA over 2 GiB on an accelerator."""
+    if jax.default_backend() == "cpu":
+        w = np.random.default_rng(0).random((8192, 8192), dtype=np.float32)
+        x = np.ones(8192, np.float32)
+        best = min(_seconds(lambda: w @ x) for _ in range(5))
+    else:
+        w, x = jnp.ones((16384, 32768), jnp.float32), jnp.ones(16384, jnp.float32)
+        matvec = jax.jit(lambda x, w: x @ w)
+        matvec(x, w).block_until_ready()
+        best = min(_seconds(lambda: matvec(x, w).block_until_ready()) for _ in range(5))
     return w.nbytes / best
 
 
@@ -70,7 +79,10 @@ def ours(model, prompts: np.ndarray, new_tokens: int) -> dict:
     batch, prefilled, done = run(new_tokens)
     generated = int(np.asarray(batch.state.generated_B).sum())
     assert generated == len(rows) * new_tokens, "a row stopped early"
+    m = model
+    compiled = decode_loop.lower(m.graphdef, m.mesh, m.params, batch.state, batch.sampling, batch.stop_ids, 1).compile()
     return {
+        "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
         "compile_s": compile_s,
         "prefill": prompts.size / (prefilled - start),
         "decode": generated / (done - prefilled),
@@ -78,20 +90,20 @@ def ours(model, prompts: np.ndarray, new_tokens: int) -> dict:
 
 
 def matmul_floor(model, batch: int) -> float:
-    """Tokens/s of the weight matmuls alone (nothing else of the model), one after another with
-    the shapes of a decode step: what XLA's matrix products allow here, the practical ceiling
-    for a full step on the same backend."""
+    """Tokens/s of the weight matmuls alone (each projection as the model applies it, nothing
+    else), one after another with the shapes of a decode step: what XLA's matrix products allow
+    here, the practical ceiling for a full step on the same backend."""
 
     @jax.jit
     def chain(params):
         module = nnx.merge(model.graphdef, params)
-        kernels = [p.kernel[...].reshape(math.prod(p.kernel.shape[: p.num_in]), -1)
-                   for _, p in nnx.iter_graph(module) if isinstance(p, Proj)]  # fmt: skip
+        y = jnp.full((batch, 1), 1e-3, module.dtype)
+        for _, proj in nnx.iter_graph(module):
+            if isinstance(proj, Proj):  # each product waits for the one before, as layers do
+                in_shape = proj.kernel.shape[: proj.num_in]
+                y = proj(jnp.broadcast_to(y.reshape(batch, -1)[:, :1], (batch, *in_shape)))
         if module.lm_head is None:
-            kernels.append(module.embed[...].T)
-        y = jnp.full((batch, 1), 1e-3, kernels[0].dtype)
-        for kernel in kernels:  # each product waits for the one before, as layers do
-            y = jnp.broadcast_to(y[:, :1], (batch, kernel.shape[0])) @ kernel
+            y = module.head(jnp.broadcast_to(y.reshape(batch, -1)[:, None, :1], (batch, 1, module.config.dim)))
         return y
 
     chain(model.params).block_until_ready()
@@ -151,6 +163,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quantize", choices=["int8"], help="int8 weights (the bound then counts int8 bytes)")
+    parser.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
 
@@ -163,11 +177,12 @@ def main() -> None:
 
     header = (
         f"{'model':<28}{'batch':>6}{'compile s':>10}{'prefill tok/s':>15}{'decode tok/s':>14}"
-        f"{'% of bound':>11}{'matmul floor':>13}{'hf decode':>11}{'vs hf':>7}{'llama.cpp':>11}"
+        f"{'% of bound':>11}{'matmul floor':>13}{'temp MiB':>9}{'hf decode':>11}{'vs hf':>7}{'llama.cpp':>11}"
     )
     print(header)
     for path in models:
-        model = load(path, dtype=args.dtype)
+        mesh = make_mesh(tuple(map(int, args.mesh.split("x")))) if args.mesh else None
+        model = load(path, dtype=args.dtype, quantize=args.quantize, mesh=mesh)
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
         hf_model = None if args.skip_transformers else _transformers_model(path)
         rng = np.random.default_rng(0)
@@ -175,12 +190,12 @@ def main() -> None:
             prompts = rng.integers(3, model.config.vocab_size - 1, (batch, args.prompt_len))
             mine = ours(model, prompts, args.new_tokens)
             floor = matmul_floor(model, batch)
-            bound = batch * bandwidth / weight_bytes
+            bound = batch * bandwidth * model.mesh.size / weight_bytes  # every device reads its shard
             hf = transformers_rates(hf_model, prompts, args.new_tokens) if hf_model is not None else None
             cpp = llama_cpp_rate(path, prompts[0].tolist(), args.new_tokens) if batch == 1 and path.suffix == ".gguf" else None
             print(
                 f"{path.name[:27]:<28}{batch:>6}{mine['compile_s']:>10.1f}{mine['prefill']:>15.0f}{mine['decode']:>14.1f}"
-                f"{100 * mine['decode'] / bound:>10.0f}%{floor:>13.1f}"
+                f"{100 * mine['decode'] / bound:>10.0f}%{floor:>13.1f}{mine['temp_mib']:>9.0f}"
                 + (f"{hf['decode']:>11.1f}{mine['decode'] / hf['decode']:>6.2f}x" if hf else f"{'-':>11}{'-':>7}")
                 + (f"{cpp:>11.1f}" if cpp else f"{'-':>11}")
             )

@@ -5,6 +5,8 @@ from codellama_jax.config import LlamaConfig
 from codellama_jax.generation import Completion, chat, generate, stream
 from codellama_jax.loader import Model, load
 from codellama_jax.model import Llama
+from codellama_jax.plan import plan
+from codellama_jax.sharding import make_mesh
 from codellama_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
 __all__ = [
@@ -18,5 +20,7 @@ __all__ = [
     "chat",
     "generate",
     "load",
+    "make_mesh",
+    "plan",
     "stream",
 ]
