@@ -1,0 +1,316 @@
+"""The continuous-batching engine: a fixed number of decode slots, a request queue, and one
+device thread that keeps every live slot decoding while new requests are prefilled into free ones.
+
+Each decode call advances all slots a few steps with their own sampling settings (the jitted
+`decode_loop` of generation.py, not a second implementation), then the tokens go through each
+request's text stream (stop strings, detokenization) to its consumer. A request whose consumer
+cancels, or whose stop string appears, is ended at the next call and its slot freed.
+
+    engine = Engine(model, max_batch=8)
+    engine.start()
+    for handle in engine.submit(prompt_ids, SamplingParams(max_tokens=64, n=2)):
+        async for chunk in handle: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+from typing import AsyncIterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from codellama_jax import sharding
+from codellama_jax.generation import (
+    FINISH_REASONS,
+    RUNNING,
+    STOPPED,
+    DecodeState,
+    TokenLogprob,
+    decode_loop,
+    max_new_tokens,
+    prefill,
+)
+from codellama_jax.kv_cache import KVCache
+from codellama_jax.loader import Model, bucket
+from codellama_jax.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingParams
+from codellama_jax.tokenizer import TextStream
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the engine accepts; the server answers 429."""
+
+
+@dataclasses.dataclass
+class Chunk:
+    """What one decode call produced for a request; the last has `finish_reason` set."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Handle:
+    """One sample of one request: async-iterate it for chunks; `cancel()` frees its slot."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, index: int, max_new: int, stream: TextStream):
+        self.prompt_ids, self.params, self.index, self.max_new, self.stream = prompt_ids, params, index, max_new, stream
+        self.cancelled = False
+        self.completion_tokens = 0
+        self._loop = asyncio.get_running_loop()
+        self._chunks: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _put(self, item: Chunk | BaseException) -> None:  # from the device thread
+        self._loop.call_soon_threadsafe(self._chunks.put_nowait, item)
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        while True:
+            item = await self._chunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+
+def _insert(state: DecodeState, row_state: DecodeState, row) -> DecodeState:
+    """`state` with slot `row` replaced by a freshly prefilled one-row state."""
+
+    def put(dst, src):
+        return jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype), (row,) + (0,) * (dst.ndim - 1))
+
+    def clear(dst):
+        return put(dst, jnp.zeros((1, *dst.shape[1:]), dst.dtype))
+
+    return state._replace(
+        cache=state.cache.insert(row_state.cache, row),
+        **{name: put(getattr(state, name), getattr(row_state, name))
+           for name in ("logits_BV", "positions_B", "counts_BV", "seen_BV", "generated_B", "max_new_B", "finish_B")},
+        **{name: clear(getattr(state, name)) for name in ("tokens_BN", "logprobs_BN", "top_ids_BNK", "top_logprobs_BNK")},
+    )  # fmt: skip
+
+
+insert = jax.jit(_insert, donate_argnums=(0,))
+
+
+class Engine:
+    """Continuous batching over `max_batch` slots of up to `max_len` tokens each."""
+
+    def __init__(
+        self, model: Model, *, max_batch: int = 8, max_len: int | None = None, max_queue: int = 64, steps_per_call: int = 4
+    ):
+        if model.tokenizer is None:
+            raise ValueError("the engine serves text: this checkpoint has no tokenizer")
+        self.model = model
+        self.max_batch = bucket(max_batch, minimum=1)
+        self.max_len = min(bucket(max_len or model.config.max_seq_len), model.config.max_seq_len)
+        self.max_queue = max_queue
+        self.steps_per_call = steps_per_call
+        self._waiting: queue.Queue[list[Handle]] = queue.Queue()
+        self._slots: list[Handle | None] = [None] * self.max_batch
+        self._fed = [0] * self.max_batch
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._state = self._empty_state()
+        self._sampling = self._sampling_arrays()
+        self._stop_ids = sharding.put(np.array(model.stop_token_ids or (-1,), np.int32), model.mesh)
+
+    # -- the consumer side (event loop) --
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[Handle]:
+        """Queues a request and returns its `n` handles; a prompt that cannot fit the context is
+        a ValueError, a full queue `QueueFull`, both at once."""
+        prompt_ids = list(prompt_ids)
+        max_new = max_new_tokens(self.model, len(prompt_ids), params.max_tokens)
+        if len(prompt_ids) + max_new > self.max_len:
+            max_new = self.max_len - len(prompt_ids)
+            if max_new <= 0 or params.max_tokens is not None:
+                raise ValueError(
+                    f"the prompt has {len(prompt_ids)} tokens and at most {self.max_len} tokens per request "
+                    f"are served (--max-len); max_tokens {params.max_tokens} does not fit"
+                )
+        if self._waiting.qsize() >= self.max_queue:
+            raise QueueFull(f"{self._waiting.qsize()} requests are waiting; try again shortly")
+        if params.n > self.max_batch:
+            raise ValueError(f"n={params.n} exceeds the server's {self.max_batch} decode slots")
+        tokenizer = self.model.tokenizer
+        handles = [
+            Handle(prompt_ids, params, i, max_new, TextStream(tokenizer, prompt_ids, params.stop))
+            for i in range(params.n)
+        ]
+        self._waiting.put(handles)
+        self._wake.set()
+        return handles
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting.qsize()
+
+    @property
+    def slots_in_use(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    # -- the device thread --
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="codellama-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit()
+                if self.slots_in_use == 0:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self._step()
+            except Exception as e:  # a device failure ends the requests in flight, not the engine
+                log.exception("decode step failed")
+                for row, handle in enumerate(self._slots):
+                    if handle is not None:
+                        handle._put(RuntimeError(f"generation failed: {e}"))
+                        self._free(row)
+
+    def _admit(self) -> None:
+        """Prefills waiting requests into free slots (a request with n samples needs n)."""
+        while True:
+            free = [row for row, h in enumerate(self._slots) if h is None]
+            try:
+                handles = self._waiting.queue[0]
+            except IndexError:
+                return
+            if len(free) < len(handles):
+                return
+            self._waiting.get_nowait()
+            try:
+                row_state = self._prefill(handles[0])
+                for row, handle in zip(free, handles):
+                    self._state = insert(self._state, row_state, row)
+                    self._slots[row], self._fed[row] = handle, 0
+            except Exception as e:  # this request fails, the others go on
+                log.exception("prefill failed")
+                for handle in handles:
+                    handle._put(ValueError(f"prefill failed: {e}"))
+                for row in free:
+                    if self._slots[row] in handles:
+                        self._free(row)
+            self._sampling = self._sampling_arrays()
+
+    def _prefill(self, handle: Handle) -> DecodeState:
+        ids = handle.prompt_ids
+        T = min(bucket(len(ids)), self.max_len)
+        tokens = np.zeros((1, T), np.int32)
+        tokens[0, : len(ids)] = ids
+        inputs = sharding.put((tokens, np.array([len(ids)], np.int32), np.array([handle.max_new], np.int32)), self.model.mesh)
+        return prefill(self.model.graphdef, T, 0, 1, self.model.mesh, self.model.params, *inputs)
+
+    def _step(self) -> None:
+        m = self.model
+        self._state = decode_loop(
+            m.graphdef, m.mesh, m.params, self._state, self._sampling, self._stop_ids, self.steps_per_call
+        )
+        names = ("generated_B", "finish_B", "tokens_BN", "logprobs_BN", "top_ids_BNK", "top_logprobs_BNK")
+        host = dict(zip(names, jax.device_get(tuple(getattr(self._state, n) for n in names))))
+        ended = []
+        for row, handle in enumerate(self._slots):
+            if handle is None:
+                continue
+            try:
+                if self._emit(row, handle, host):
+                    ended.append(row)
+            except Exception as e:  # this request fails, the others go on
+                log.exception("request failed")
+                handle._put(RuntimeError(f"request failed: {e}"))
+                ended.append(row)
+        for row in ended:
+            self._free(row)
+        if ended:
+            self._sampling = self._sampling_arrays()
+
+    def _emit(self, row: int, handle: Handle, host: dict) -> bool:
+        """Sends the row's new tokens to its consumer; True when the request has ended."""
+        stream, start = handle.stream, self._fed[row]
+        generated = int(host["generated_B"][row])
+        released = len(stream.text)
+        new_ids, logprobs = [], []
+        for j in range(start, generated):
+            if stream.stopped:
+                break
+            token = int(host["tokens_BN"][row, j])
+            stream.push(token)
+            new_ids.append(token)
+            if handle.params.logprobs:
+                logprobs.append(self._logprob(host, row, j, token, handle.params.top_logprobs))
+        self._fed[row] = start + len(new_ids)
+        handle.completion_tokens = self._fed[row]
+        finish = int(host["finish_B"][row])
+        done = stream.stopped or handle.cancelled or finish != RUNNING
+        reason = None
+        if done:
+            stream.finish()
+            reason = "stop" if stream.stopped else FINISH_REASONS.get(finish, "stop")
+        text = stream.text[released:]
+        if new_ids or text or done:
+            handle._put(
+                Chunk(text, new_ids, logprobs if handle.params.logprobs else None, reason,
+                      len(handle.prompt_ids), handle.completion_tokens)
+            )  # fmt: skip
+        return done
+
+    def _logprob(self, host: dict, row: int, j: int, token: int, top: int) -> TokenLogprob:
+        decode = self.model.tokenizer.decode
+        alternatives = [
+            (int(k), decode([int(k)], skip_special_tokens=False, continuation=True), float(lp))
+            for k, lp in zip(host["top_ids_BNK"][row, j], host["top_logprobs_BNK"][row, j])
+        ][:top]
+        text = decode([token], skip_special_tokens=False, continuation=True)
+        return TokenLogprob(token, text, float(host["logprobs_BN"][row, j]), alternatives)
+
+    def _free(self, row: int) -> None:
+        self._slots[row] = None
+        self._state = self._state._replace(finish_B=self._state.finish_B.at[row].set(STOPPED))
+
+    def _empty_state(self) -> DecodeState:
+        """All slots free: a state of the full batch shape, every row finished."""
+        m, B, S, V = self.model, self.max_batch, self.max_len, self.model.config.vocab_size
+        K = min(MAX_TOP_LOGPROBS, V)
+        state = DecodeState(
+            cache=KVCache.zeros(m.config, B, S, m.module.dtype),
+            logits_BV=jnp.zeros((B, V), jnp.float32),
+            positions_B=jnp.zeros(B, jnp.int32),
+            counts_BV=jnp.zeros((B, V), jnp.int32),
+            seen_BV=jnp.zeros((B, V), bool),
+            generated_B=jnp.zeros(B, jnp.int32),
+            max_new_B=jnp.zeros(B, jnp.int32),
+            finish_B=jnp.full(B, STOPPED, jnp.int32),
+            tokens_BN=jnp.zeros((B, S), jnp.int32),
+            logprobs_BN=jnp.zeros((B, S), jnp.float32),
+            top_ids_BNK=jnp.zeros((B, S, K), jnp.int32),
+            top_logprobs_BNK=jnp.zeros((B, S, K), jnp.float32),
+        )
+        return jax.device_put(state, sharding.replicated(m.mesh))
+
+    def _sampling_arrays(self) -> SamplingArrays:
+        rows = [(h.params, h.index) if h is not None else (SamplingParams(temperature=0.0), 0) for h in self._slots]
+        return sharding.put(SamplingArrays.build(rows, self.model.config.vocab_size), self.model.mesh)

@@ -1,0 +1,106 @@
+"""The continuous-batching engine: concurrent requests, more than there are slots, return exactly
+what `generate()` returns for each alone (greedy and seeded sampling, stop strings, logprobs);
+cancelling frees a slot; a full queue is refused at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from codellama_jax import generate, load
+from codellama_jax.engine import Engine, QueueFull
+from codellama_jax.sampling import SamplingParams
+
+from conftest import write_hf_checkpoint
+
+PROMPTS = [[1, *range(5, 5 + n)] for n in (3, 17, 9, 30, 1, 12)]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, sp_dir):
+    hf_dir = write_hf_checkpoint(tmp_path_factory.mktemp("engine") / "hf", sp_dir, num_key_value_heads=2)
+    return load(hf_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    engine = Engine(model, max_batch=4, max_len=64, steps_per_call=3)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+async def _collect(handle):
+    chunks = [chunk async for chunk in handle]
+    return chunks, "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids]
+
+
+def _run_all(engine, requests):
+    async def main():
+        handles = [h for prompt, params in requests for h in engine.submit(prompt, params)]
+        return await asyncio.gather(*(_collect(h) for h in handles))
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=0.0, max_tokens=20),
+        dict(temperature=0.9, top_p=0.9, seed=11, max_tokens=16),
+        dict(temperature=0.0, max_tokens=24, stop=["e", "a"], logprobs=True, top_logprobs=3),
+    ],
+    ids=["greedy", "seeded", "stop-logprobs"],
+)
+def test_concurrent_requests_equal_generate_one_at_a_time(engine, model, settings):
+    params = SamplingParams(**settings)
+    results = _run_all(engine, [(p, params) for p in PROMPTS])  # 6 requests, 4 slots
+    for prompt, (chunks, text, ids) in zip(PROMPTS, results):
+        alone = generate(model, [prompt], **settings)[0]
+        assert ids == alone.token_ids and text == alone.text
+        assert chunks[-1].finish_reason == alone.finish_reason
+        assert chunks[-1].completion_tokens == alone.completion_tokens and chunks[-1].prompt_tokens == len(prompt)
+        if params.logprobs:
+            got = [lp for c in chunks for lp in c.logprobs]
+            assert [(g.token_id, round(g.logprob, 4)) for g in got] == [
+                (w.token_id, round(w.logprob, 4)) for w in alone.logprobs
+            ]
+    assert engine.slots_in_use == 0
+
+
+def test_n_samples_share_one_prefill(engine, model):
+    params = SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=10)
+    results = _run_all(engine, [(PROMPTS[1], params)])
+    expected = generate(model, [PROMPTS[1]], temperature=1.0, seed=3, n=2, max_tokens=10)
+    assert [ids for _, _, ids in results] == [c.token_ids for c in expected]
+
+
+def test_cancel_frees_the_slot(engine):
+    async def main():
+        handle = engine.submit(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=40))[0]
+        async for chunk in handle:
+            handle.cancel()
+            last = chunk
+        return last
+
+    last = asyncio.run(main())
+    assert last.finish_reason is not None and last.completion_tokens < 40
+    assert engine.slots_in_use == 0
+
+
+def test_full_queue_and_oversized_requests_are_refused_at_once(model):
+    engine = Engine(model, max_batch=1, max_len=64, max_queue=2)  # not started: nothing drains the queue
+
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=4)
+        engine.submit(PROMPTS[0], params)
+        engine.submit(PROMPTS[0], params)
+        with pytest.raises(QueueFull):
+            engine.submit(PROMPTS[0], params)
+        with pytest.raises(ValueError, match="at most 64 tokens per request"):
+            engine.submit(list(range(1, 60)), SamplingParams(max_tokens=10))
+        with pytest.raises(ValueError, match="n=2 exceeds the server's 1 decode slots"):
+            Engine(model, max_batch=1, max_len=64).submit(PROMPTS[0], SamplingParams(n=2))
+
+    asyncio.run(main())
