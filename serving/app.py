@@ -1,0 +1,291 @@
+"""The OpenAI-compatible HTTP API (Quart) over the continuous-batching engine.
+
+Routes: chat completions and completions (each under /v1 and /v1/openai), models, /health,
+/metrics (Prometheus) and /openapi.json. Every error is OpenAI's `{"error": {...}}` shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import ValidationError
+from quart import Quart, Response, request
+from quart_schema import QuartSchema, RequestSchemaValidationError, validate_request
+from werkzeug.exceptions import HTTPException
+
+from codellama_jax.engine import Chunk, Engine, Handle, QueueFull
+from codellama_jax.loader import Model
+
+from . import protocol
+from .protocol import ChatCompletionRequest, CompletionRequest, ProtocolError
+
+log = logging.getLogger("codellama_jax.serving")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    served_model_name: str
+    prices: tuple[float, float] = (0.0, 0.0)  # USD per million prompt / completion tokens
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 4 * 2**20
+
+
+class Metrics:
+    """Prometheus series of one server (its own registry)."""
+
+    def __init__(self, engine: Engine):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("codellama_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("codellama_prompt_tokens", "prompt tokens processed", registry=r)
+        self.completion_tokens = Counter("codellama_completion_tokens", "tokens generated", registry=r)
+        Gauge("codellama_queue_depth", "requests waiting for a slot", registry=r).set_function(lambda: engine.queue_depth)
+        Gauge("codellama_slots_in_use", "decode slots busy", registry=r).set_function(lambda: engine.slots_in_use)
+        Gauge("codellama_slots", "decode slots", registry=r).set(engine.max_batch)
+        self.ttft = Histogram("codellama_time_to_first_token_seconds", "time to first token", registry=r,
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))  # fmt: skip
+        self.tokens_per_second = Histogram("codellama_output_tokens_per_second", "decode speed per request",
+                                           registry=r, buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000))  # fmt: skip
+
+
+def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
+    """The Quart app; the engine must be started by whoever runs the app."""
+    app = Quart("codellama_jax.serving")
+    app.config.update(MAX_CONTENT_LENGTH=config.max_body_bytes, RESPONSE_TIMEOUT=None, BODY_TIMEOUT=60)
+    QuartSchema(app, openapi_path="/openapi.json", info={"title": "codellama-jax", "version": "1"},
+                redoc_ui_path=None, scalar_ui_path=None, swagger_ui_path="/docs")  # fmt: skip
+    metrics = Metrics(engine)
+    started = protocol.now()
+
+    def fail(status: int, message: str, **fields) -> Response:
+        return Response(json.dumps(protocol.error_body(message, **fields)), status=status, content_type="application/json")
+
+    @app.before_request
+    async def authenticate():
+        if not config.api_keys or not request.path.startswith("/v1"):
+            return None
+        header = request.headers.get("Authorization", "")
+        token = header[7:].strip() if header.startswith("Bearer ") else ""
+        if not any([hmac.compare_digest(token.encode(), key.encode()) for key in config.api_keys]):
+            return fail(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        return None
+
+    @app.after_request
+    async def count(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule else "unknown"
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        return response
+
+    @app.errorhandler(RequestSchemaValidationError)
+    async def invalid(error: RequestSchemaValidationError):
+        e = error.validation_error
+        if isinstance(e, ValidationError) and e.errors():
+            first = e.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            return fail(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+        return fail(400, f"the request body is not a valid JSON object: {e}")
+
+    @app.errorhandler(ProtocolError)
+    async def refused(e: ProtocolError):
+        return fail(e.status, e.message, param=e.param, code=e.code, type=e.type)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(e: HTTPException):
+        messages = {400: "malformed request body: expected a JSON object", 413: "request body too large",
+                    404: f"no route {request.path}", 405: f"{request.method} is not allowed on {request.path}"}  # fmt: skip
+        return fail(e.code or 500, messages.get(e.code, e.description or e.name))
+
+    @app.errorhandler(Exception)
+    async def internal(e: Exception):
+        request_id = uuid.uuid4().hex
+        log.exception("internal error, request id %s", request_id)
+        return fail(500, f"internal server error (request id {request_id})", type="server_error", code="internal_error")
+
+    def check_model(name: str) -> None:
+        if name != config.served_model_name:
+            raise ProtocolError(f"the model {name!r} does not exist; this server serves {config.served_model_name!r}",
+                                param="model", status=404, code="model_not_found")  # fmt: skip
+
+    def submit(prompt_ids: list[int], body) -> list[Handle]:
+        try:
+            return engine.submit(prompt_ids, body.sampling())
+        except QueueFull as e:
+            raise ProtocolError(str(e), status=429, type="rate_limit_error", code="rate_limit_exceeded") from None
+        except ValueError as e:
+            raise ProtocolError(str(e), param="messages" if hasattr(body, "messages") else "prompt",
+                                code="context_length_exceeded") from None  # fmt: skip
+
+    async def respond(body, prompt_ids: list[int], kind: str) -> Response:
+        """Runs a request through the engine and answers it whole or as a stream."""
+        start = time.perf_counter()
+        handles = submit(prompt_ids, body)
+        if body.stream:
+            return stream_response(body, prompt_ids, handles, kind, start)
+        try:
+            results = await asyncio.gather(*(collect(h, start) for h in handles))
+        finally:
+            for h in handles:
+                h.cancel()
+        completion_tokens = sum(chunks[-1].completion_tokens for chunks in results)
+        record(body, len(prompt_ids), completion_tokens, start, kind)
+        if kind == "chat":
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
+                 "logprobs": protocol.chat_logprobs(_logprobs(chunks)), "finish_reason": chunks[-1].finish_reason}
+                for i, chunks in enumerate(results)
+            ]  # fmt: skip
+        else:
+            choices = [
+                {"index": i, "text": "".join(c.text for c in chunks),
+                 "logprobs": protocol.text_logprobs(_logprobs(chunks)), "finish_reason": chunks[-1].finish_reason}
+                for i, chunks in enumerate(results)
+            ]  # fmt: skip
+        return Response(json.dumps({
+            "id": protocol.new_id("chatcmpl" if kind == "chat" else "cmpl"),
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": protocol.now(), "model": config.served_model_name, "choices": choices,
+            "usage": protocol.usage(len(prompt_ids), completion_tokens, config.prices),
+        }), content_type="application/json")  # fmt: skip
+
+    async def collect(handle: Handle, start: float) -> list[Chunk]:
+        chunks = []
+        async for chunk in handle:
+            if not chunks:
+                metrics.ttft.observe(time.perf_counter() - start)
+            chunks.append(chunk)
+        return chunks
+
+    def stream_response(body, prompt_ids, handles: list[Handle], kind: str, start: float) -> Response:
+        ident, created = protocol.new_id("chatcmpl" if kind == "chat" else "cmpl"), protocol.now()
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def event(choices: list[dict], **extra) -> str:
+            payload = {"id": ident, "object": obj, "created": created, "model": config.served_model_name,
+                       "choices": choices, **extra}  # fmt: skip
+            return f"data: {json.dumps(payload)}\n\n"
+
+        def choice(index: int, text: str = "", logprobs=None, reason: str | None = None, first: bool = False) -> dict:
+            if kind == "chat":
+                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+                return {"index": index, "delta": delta, "logprobs": protocol.chat_logprobs(logprobs), "finish_reason": reason}
+            return {"index": index, "text": text, "logprobs": protocol.text_logprobs(logprobs), "finish_reason": reason}
+
+        async def events() -> AsyncIterator[str]:
+            completion_tokens = [0] * len(handles)
+            try:
+                if kind == "chat":
+                    for i in range(len(handles)):
+                        yield event([choice(i, first=True)])
+                first = True
+                async for index, chunk in _interleave(handles):
+                    if first:
+                        metrics.ttft.observe(time.perf_counter() - start)
+                        first = False
+                    if isinstance(chunk, BaseException):
+                        log.error("stream %s failed: %s", ident, chunk)
+                        yield f"data: {json.dumps(protocol.error_body(str(chunk), type='server_error'))}\n\n"
+                        break
+                    completion_tokens[index] = chunk.completion_tokens
+                    if chunk.text or chunk.logprobs:
+                        yield event([choice(index, chunk.text, chunk.logprobs)])
+                    if chunk.finish_reason:  # its own last event, with an empty delta
+                        yield event([choice(index, reason=chunk.finish_reason)])
+                if body.include_usage:
+                    yield event([], usage=protocol.usage(len(prompt_ids), sum(completion_tokens), config.prices))
+                yield "data: [DONE]\n\n"
+                record(body, len(prompt_ids), sum(completion_tokens), start, kind)
+            finally:  # also when the client goes away: the slots are freed at the next step
+                for h in handles:
+                    h.cancel()
+
+        response = Response(events(), content_type="text/event-stream")
+        response.headers["Cache-Control"] = "no-cache"
+        response.timeout = None
+        return response
+
+    def record(body, prompt_tokens: int, completion_tokens: int, start: float, kind: str) -> None:
+        seconds = time.perf_counter() - start
+        metrics.prompt_tokens.inc(prompt_tokens)
+        metrics.completion_tokens.inc(completion_tokens)
+        if completion_tokens and seconds > 0:
+            metrics.tokens_per_second.observe(completion_tokens / seconds)
+        user = hashlib.sha256(body.user.encode()).hexdigest()[:12] if body.user else "-"
+        log.info("%s n=%d prompt=%d completion=%d %.3fs stream=%s user=%s",
+                 kind, body.n, prompt_tokens, completion_tokens, seconds, body.stream, user)  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    @app.post("/v1/openai/chat/completions")
+    @validate_request(ChatCompletionRequest)
+    async def chat_completions(data: ChatCompletionRequest):
+        check_model(data.model)
+        data.check()
+        messages = [m.model_dump(exclude_none=True) for m in data.messages]
+        prompt_ids = model.chat_template.encode(model.tokenizer, messages)
+        return await respond(data, prompt_ids, "chat")
+
+    @app.post("/v1/completions")
+    @app.post("/v1/openai/completions")
+    @validate_request(CompletionRequest)
+    async def completions(data: CompletionRequest):
+        check_model(data.model)
+        data.check()
+        prompt_ids = model.tokenizer.encode(data.prompt, add_bos=model.tokenizer.add_bos)
+        return await respond(data, prompt_ids, "text")
+
+    @app.get("/v1/models")
+    @app.get("/v1/openai/models")
+    async def models():
+        entry = {"id": config.served_model_name, "object": "model", "created": started, "owned_by": "codellama-jax"}
+        return {"object": "list", "data": [entry]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": config.served_model_name, "slots": engine.max_batch,
+                "slots_in_use": engine.slots_in_use, "queue_depth": engine.queue_depth}  # fmt: skip
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), content_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _logprobs(chunks: list[Chunk]) -> list | None:
+    if chunks[0].logprobs is None:
+        return None
+    return [lp for c in chunks for lp in (c.logprobs or [])]
+
+
+async def _interleave(handles: list[Handle]) -> AsyncIterator[tuple[int, Any]]:
+    """(index, chunk) from all handles as they arrive; an exception is passed on as a value."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, handle: Handle):
+        try:
+            async for chunk in handle:
+                await queue.put((index, chunk))
+        except Exception as e:
+            await queue.put((index, e))
+        await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        remaining = len(handles)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,183 @@
+"""The chat-completions contract as pydantic models: every input field with its default and range
+(../shared/reference/chat-completions-contract.txt, plus OpenAI's logprobs, top_logprobs and
+stream_options), strict types, and the response and error shapes clients expect."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from codellama_jax.generation import TokenLogprob
+from codellama_jax.sampling import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
+
+MAX_STOP = 16
+
+
+class Strict(BaseModel):
+    """No coercion between types, no NaN or infinity, no unknown fields."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+
+class Message(Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class Sampling(Strict):
+    """Fields shared by chat and text completions."""
+
+    model: str
+    stream: bool = False
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    top_k: int = Field(0, ge=0, lt=1000)
+    max_tokens: int | None = Field(None, ge=0, le=1_000_000)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=4)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=5)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    user: str | None = None
+    stream_options: StreamOptions | None = None
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP:
+            raise ProtocolError(f"stop has {len(stops)} sequences; at most {MAX_STOP} are allowed", param="stop")
+        if any(s == "" for s in stops):
+            raise ProtocolError("stop sequences must not be empty", param="stop")
+        return stops
+
+    def sampling_params(self, *, logprobs: bool, top_logprobs: int) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k,
+            max_tokens=self.max_tokens, stop=self.stops(), n=self.n, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty, seed=self.seed,
+            logprobs=logprobs, top_logprobs=top_logprobs,
+        )  # fmt: skip
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        """What the schema cannot say: message order, and the features not served yet."""
+        roles = [m.role for m in self.messages if m.role != "system"]
+        if sum(m.role == "system" for m in self.messages) > 1:
+            raise ProtocolError("at most one system message is allowed", param="messages")
+        if not roles or roles[-1] != "user":
+            raise ProtocolError("the last message (after any system message) must be from the user", param="messages")
+        if roles[0] != "user":
+            raise ProtocolError("the conversation must start with a user message", param="messages")
+        for previous, role in zip(roles, roles[1:]):
+            if role == previous == "user" or role == previous == "assistant":
+                raise ProtocolError(f"two {role} messages in a row", param="messages")
+        if self.top_logprobs and not self.logprobs:
+            raise ProtocolError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if self.tools or (self.tool_choice not in (None, "none")):
+            raise ProtocolError("tools and tool_choice are not supported by this server yet", param="tools")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise ProtocolError("response_format other than {'type': 'text'} is not supported yet", param="response_format")
+        if any(m.role == "tool" for m in self.messages):
+            raise ProtocolError("tool messages are not supported by this server yet", param="messages")
+
+    def sampling(self) -> SamplingParams:
+        return self.sampling_params(logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0)
+
+
+class CompletionRequest(Sampling):
+    prompt: str = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=5)  # legacy completions: number of alternatives
+    echo: bool = False
+
+    def check(self) -> None:
+        if self.echo:
+            raise ProtocolError("echo is not supported", param="echo")
+
+    def sampling(self) -> SamplingParams:
+        return self.sampling_params(logprobs=self.logprobs is not None, top_logprobs=self.logprobs or 0)
+
+
+class ProtocolError(Exception):
+    """A request the schema accepts but the server refuses: a 400 naming the field."""
+
+    def __init__(self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None,
+                 type: str = "invalid_request_error"):  # fmt: skip
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, prices: tuple[float, float]) -> dict:
+    """Token counts and the cost at (input, output) prices per million tokens."""
+    cost = (prompt_tokens * prices[0] + completion_tokens * prices[1]) / 1e6
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "estimated_cost": round(cost, 10),
+    }
+
+
+def chat_logprobs(logprobs: list[TokenLogprob] | None) -> dict | None:
+    """OpenAI's chat `logprobs` object: one entry per token, with its top alternatives."""
+    if logprobs is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(lp.token, lp.logprob), "top_logprobs": [entry(text, value) for _, text, value in lp.top]}
+            for lp in logprobs
+        ]
+    }
+
+
+def text_logprobs(logprobs: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+    """The legacy completions `logprobs` object."""
+    if logprobs is None:
+        return None
+    offsets, position = [], offset
+    for lp in logprobs:
+        offsets.append(position)
+        position += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in logprobs],
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{text: value for _, text, value in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }

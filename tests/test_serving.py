@@ -1,0 +1,311 @@
+"""The server, live on 127.0.0.1 and a random port, through the official `openai` client and raw
+HTTP: the contract's examples, every sampling field, streaming, errors, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+
+from codellama_jax import chat, generate, load
+from codellama_jax.checkpoint import convert
+from codellama_jax.convert import open_checkpoint
+from codellama_jax.engine import Engine
+from codellama_jax.serving.app import ServerConfig, create_app
+
+from conftest import write_hf_checkpoint
+
+NAME = "codellama/tiny-test"
+KEY = "sk-test-key"
+PRICES = (2.0, 6.0)
+HELLO = [{"role": "user", "content": "Hello!"}]
+
+
+@contextlib.contextmanager
+def running_server(model, *, max_batch=4, max_queue=64, start_engine=True, keys=(KEY,)):
+    """The app on a free port in a background thread; yields its base URL."""
+    engine = Engine(model, max_batch=max_batch, max_len=1024, max_queue=max_queue, steps_per_call=2)
+    app = create_app(model, engine, ServerConfig(NAME, PRICES, tuple(keys), max_body_bytes=2**20))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    loop = asyncio.new_event_loop()
+    stop: list[asyncio.Event] = []
+
+    def run():
+        asyncio.set_event_loop(loop)
+        stop.append(asyncio.Event())
+        loop.run_until_complete(serve(app, config, shutdown_trigger=stop[0].wait))
+
+    if start_engine:
+        engine.start()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        time.sleep(0.05)
+    try:
+        yield url, engine
+    finally:
+        loop.call_soon_threadsafe(stop[0].set)
+        thread.join(timeout=30)
+        if start_engine:
+            engine.stop()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, sp_dir):
+    hf_dir = write_hf_checkpoint(tmp_path_factory.mktemp("serve") / "hf", sp_dir, num_key_value_heads=2,
+                                 max_position_embeddings=1024)  # fmt: skip
+    return load(hf_dir)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with running_server(model) as (url, engine):
+        yield url, engine
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1/openai", api_key=KEY, max_retries=0)
+
+
+SAMPLING = dict(temperature=0.7, top_p=0.9, max_tokens=12, presence_penalty=0.5, frequency_penalty=0.3, seed=5)
+EXTRA = dict(top_k=40, min_p=0.05, repetition_penalty=1.2)  # the contract's fields beyond OpenAI's
+
+
+def test_chat_with_every_sampling_field_equals_the_library(client, model):
+    reply = client.chat.completions.create(model=NAME, messages=HELLO, **SAMPLING, extra_body=EXTRA, user="alice")
+    expected = chat(model, HELLO, **SAMPLING, **EXTRA)
+    assert reply.choices[0].message.content == expected.text and reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion" and reply.model == NAME
+    usage = reply.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (expected.prompt_tokens, expected.completion_tokens)
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    cost = (usage.prompt_tokens * PRICES[0] + usage.completion_tokens * PRICES[1]) / 1e6
+    assert usage.model_extra["estimated_cost"] == pytest.approx(cost)
+
+
+def test_streaming_equals_non_streaming_with_usage(client):
+    kwargs = dict(model=NAME, messages=HELLO, temperature=0.0, max_tokens=16)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_n_seed_stop_and_logprobs(client, model):
+    kwargs = dict(model=NAME, messages=HELLO, temperature=1.0, n=2, seed=9, max_tokens=10, logprobs=True, top_logprobs=2)
+    first, again = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    expected = generate(model, [HELLO], temperature=1.0, n=2, seed=9, max_tokens=10)
+    assert [c.message.content for c in first.choices] == [c.text for c in expected]
+    lps = first.choices[0].logprobs.content
+    assert len(lps) == first.usage.completion_tokens // 2 or len(lps) == expected[0].completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in lps)
+    stopped = client.chat.completions.create(model=NAME, messages=HELLO, temperature=0.0, max_tokens=30, stop=["e"])
+    assert "e" not in stopped.choices[0].message.content
+
+
+def test_models_and_completions(client, model):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    text = client.completions.create(model=NAME, prompt="def add(a, b):", temperature=0.0, max_tokens=8)
+    assert text.object == "text_completion"
+    assert text.choices[0].text == generate(model, ["def add(a, b):"], temperature=0.0, max_tokens=8)[0].text
+    streamed = client.completions.create(model=NAME, prompt="def add(a, b):", temperature=0.0, max_tokens=8, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+
+
+def test_error_classes(client, server):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=NAME, messages=HELLO, temperature=3)
+    assert bad.value.body["param"] == "temperature" and bad.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4", messages=HELLO)
+    assert missing.value.body["param"] == "model"
+    wrong = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    with pytest.raises(openai.BadRequestError) as long:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "word " * 800}])
+    assert "tokens" in long.value.body["message"]
+
+
+def test_full_queue_is_429(model):
+    with running_server(model, max_queue=0, start_engine=False) as (url, _):
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            c.chat.completions.create(model=NAME, messages=HELLO)
+
+
+def _post(url, body, key=KEY, **kw):
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    return httpx.post(f"{url}/v1/openai/chat/completions", headers=headers, content=body, timeout=60, **kw)
+
+
+def test_the_contract_examples_as_raw_http(server):
+    url = server[0]
+    conversation = {"model": NAME, "messages": [
+        {"role": "system", "content": "Respond like a michelin starred chef."},
+        {"role": "user", "content": "Can you name at least two different techniques to cook lamb?"},
+        {"role": "assistant", "content": "Bonjour! Let me tell you, my friend, cooking lamb is an art form, and I'm "
+         "more than happy to share with you not two, but three of my favorite techniques to coax out the rich, "
+         "unctuous flavors and tender textures of this majestic protein. First, we have the classic \"Sous Vide\" "
+         "method. Next, we have the ancient art of \"Sous le Sable\". And finally, we have the more modern technique "
+         "of \"Hot Smoking.\""},
+        {"role": "user", "content": "Tell me more about the second method."},
+    ], "max_tokens": 8}  # fmt: skip
+    body = _post(url, json.dumps(conversation)).json()
+    assert "error" not in body, body
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
+    assert body["object"] == "chat.completion" and isinstance(body["created"], int)
+    choice = body["choices"][0]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens", "estimated_cost"}
+    streamed = _post(url, json.dumps({"model": NAME, "stream": True, "messages": HELLO, "max_tokens": 6}))
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    events = streamed.text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: ") for e in events[:-1])
+    payloads = [json.loads(e[6:]) for e in events[:-2]]
+    assert all(p["object"] == "chat.completion.chunk" and p["model"] == NAME for p in payloads)
+    assert payloads[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ("{not json", 400, None),
+        ("[1, 2]", 400, None),
+        (json.dumps({"model": NAME}), 400, "messages"),
+        (json.dumps({"model": NAME, "messages": []}), 400, "messages"),
+        (json.dumps({"model": NAME, "messages": HELLO, "temperature": "hot"}), 400, "temperature"),
+        (json.dumps({"model": NAME, "messages": HELLO, "top_k": 1000}), 400, "top_k"),
+        (json.dumps({"model": NAME, "messages": HELLO, "n": 5}), 400, "n"),
+        (json.dumps({"model": NAME, "messages": HELLO, "stop": ["x"] * 17}), 400, "stop"),
+        (json.dumps({"model": NAME, "messages": HELLO, "surprise": 1}), 400, "surprise"),
+        ('{"model": "%s", "messages": %s, "top_p": NaN}' % (NAME, json.dumps(HELLO)), 400, "top_p"),
+        (json.dumps({"model": NAME, "messages": [{"role": "assistant", "content": "hi"}]}), 400, "messages"),
+        (json.dumps({"model": NAME, "messages": HELLO, "tools": [{"type": "function"}]}), 400, "tools"),
+        (json.dumps({"model": NAME, "messages": HELLO, "response_format": {"type": "json_object"}}), 400, "response_format"),
+        (json.dumps({"model": NAME, "messages": [{"role": "user", "content": "x" * 2**20}]}), 413, None),
+    ],
+    ids=["malformed", "array", "no-messages", "empty-messages", "wrong-type", "top_k-range", "n-range", "17-stops",
+         "unknown-field", "nan", "order", "tools", "response_format", "too-large"],  # fmt: skip
+)
+def test_bad_input_is_a_clear_openai_error(server, body, status, param):
+    response = _post(server[0], body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+
+
+def test_missing_key_and_openapi(server):
+    url = server[0]
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    spec = httpx.get(f"{url}/openapi.json").json()
+    assert "/v1/chat/completions" in spec["paths"]
+    metrics = httpx.get(f"{url}/metrics").text
+    assert "codellama_requests_total" in metrics and "codellama_time_to_first_token_seconds" in metrics
+
+
+def test_16_concurrent_streams_equal_one_at_a_time(server, model):
+    url = server[0]
+    prompts = [[{"role": "user", "content": f"Count to {i}."}] for i in range(16)]
+    expected = [c.text for c in generate(model, prompts, temperature=0.0, max_tokens=10)]
+
+    async def one(client, messages):
+        stream = await client.chat.completions.create(model=NAME, messages=messages, temperature=0.0, max_tokens=10, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0) as client:
+            return await asyncio.gather(*(one(client, m) for m in prompts))
+
+    assert asyncio.run(main()) == expected
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    url, engine = server
+    body = json.dumps({"model": NAME, "stream": True, "messages": HELLO, "max_tokens": 100, "temperature": 0.0})
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", headers=headers, content=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"content": "' in line:
+                break  # leave mid-stream
+    for _ in range(100):
+        if engine.slots_in_use == 0:
+            break
+        time.sleep(0.05)
+    assert engine.slots_in_use == 0
+
+
+def test_the_command_line_server_starts_serves_and_stops(tmp_path, sp_dir):
+    """`codellama-serve` as users run it: keys from the environment, one log line per request
+    (no key, no user in clear), ready only after warm-up, exit 0 on SIGTERM."""
+    converted = convert(open_checkpoint(write_hf_checkpoint(tmp_path / "hf", sp_dir)), tmp_path / "ckpt", dtype="float32")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "CODELLAMA_API_KEYS": f"{KEY},sk-other"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codellama_jax.serving", "--model", str(converted), "--port", str(port),
+         "--max-batch", "2", "--price-input", "1.5"],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    watchdog = threading.Timer(180, proc.kill)  # a server that never gets ready fails the test, not the suite
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving" in line:
+                break
+        assert f"serving 'hf' on http://127.0.0.1:{port}" in lines[-1], "".join(lines)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-other", max_retries=0)
+        reply = c.chat.completions.create(model="hf", messages=HELLO, max_tokens=4, user="alice@example.com")
+        assert reply.usage.model_extra["estimated_cost"] == pytest.approx(reply.usage.prompt_tokens * 1.5 / 1e6)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        proc.wait(timeout=60)
+        watchdog.cancel()
+    log = "".join(lines) + rest
+    assert proc.returncode == 0, log
+    assert "chat n=1 prompt=" in log and "alice" not in log and KEY not in log and "sk-other" not in log
+
+
+def test_cli_help_explains_every_flag():
+    out = subprocess.run([sys.executable, "-m", "codellama_jax.serving", "--help"], capture_output=True, text=True)
+    for flag in ("--model", "--served-model-name", "--host", "--port", "--max-batch", "--max-len", "--mesh",
+                 "--price-input", "--price-output", "--api-key-file", "CODELLAMA_API_KEYS"):  # fmt: skip
+        assert flag in out.stdout
