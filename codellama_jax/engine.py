@@ -228,28 +228,40 @@ class Engine:
     def _step(self) -> None:
         m = self.model
         self._state = decode_loop(
-            m.graphdef, m.mesh, m.params, self._state, self._sampling, self._stop_ids, self.steps_per_call
+            m.graphdef, m.mesh, self._window(), m.params, self._state, self._sampling, self._stop_ids, self.steps_per_call
         )
         names = ("generated_B", "finish_B", "tokens_BN", "logprobs_BN", "top_ids_BNK", "top_logprobs_BNK")
         host = dict(zip(names, jax.device_get(tuple(getattr(self._state, n) for n in names))))
-        ended = []
+        ended, outgoing = [], []
         for row, handle in enumerate(self._slots):
             if handle is None:
                 continue
             try:
-                if self._emit(row, handle, host):
-                    ended.append(row)
+                chunk = self._advance(row, handle, host)
             except Exception as e:  # this request fails, the others go on
                 log.exception("request failed")
-                handle._put(RuntimeError(f"request failed: {e}"))
+                chunk = RuntimeError(f"request failed: {e}")
+            if chunk is None:
+                continue
+            outgoing.append((handle, chunk))
+            if not isinstance(chunk, Chunk) or chunk.finish_reason is not None:  # ended or failed
                 ended.append(row)
-        for row in ended:
+        for row in ended:  # freed before the consumers hear of the end
             self._free(row)
         if ended:
             self._sampling = self._sampling_arrays()
+        for handle, chunk in outgoing:
+            handle._put(chunk)
 
-    def _emit(self, row: int, handle: Handle, host: dict) -> bool:
-        """Sends the row's new tokens to its consumer; True when the request has ended."""
+    def _window(self) -> int:
+        """Cache positions the next call attends to: a bucket above the furthest live row's
+        position after this call, so a short request in a long-context server reads little."""
+        furthest = max(len(h.prompt_ids) + self._fed[row] for row, h in enumerate(self._slots) if h is not None)
+        return min(bucket(furthest + self.steps_per_call + 1), self.max_len)
+
+    def _advance(self, row: int, handle: Handle, host: dict) -> Chunk | None:
+        """The row's new tokens through its text stream, as a chunk for its consumer (None when
+        there is nothing to say); the chunk has a finish_reason when the request has ended."""
         stream, start = handle.stream, self._fed[row]
         generated = int(host["generated_B"][row])
         released = len(stream.text)
@@ -265,18 +277,15 @@ class Engine:
         self._fed[row] = start + len(new_ids)
         handle.completion_tokens = self._fed[row]
         finish = int(host["finish_B"][row])
-        done = stream.stopped or handle.cancelled or finish != RUNNING
         reason = None
-        if done:
+        if stream.stopped or handle.cancelled or finish != RUNNING:
             stream.finish()
             reason = "stop" if stream.stopped else FINISH_REASONS.get(finish, "stop")
         text = stream.text[released:]
-        if new_ids or text or done:
-            handle._put(
-                Chunk(text, new_ids, logprobs if handle.params.logprobs else None, reason,
-                      len(handle.prompt_ids), handle.completion_tokens)
-            )  # fmt: skip
-        return done
+        if not (new_ids or text or reason):
+            return None
+        return Chunk(text, new_ids, logprobs if handle.params.logprobs else None, reason,
+                     len(handle.prompt_ids), handle.completion_tokens)  # fmt: skip
 
     def _logprob(self, host: dict, row: int, j: int, token: int, top: int) -> TokenLogprob:
         decode = self.model.tokenizer.decode

@@ -112,8 +112,11 @@ def _prefill(graphdef, cache_len, top_k, max_new, mesh, params, tokens_BT, lengt
     return lay_out(state, mesh)
 
 
-def decode_step(model, mesh: Mesh, state: DecodeState, sampling: SamplingArrays, stop_ids) -> DecodeState:
-    """Samples a token for every running row, records it, and runs the model on it."""
+def decode_step(
+    model, mesh: Mesh, state: DecodeState, sampling: SamplingArrays, stop_ids, window: int | None = None
+) -> DecodeState:
+    """Samples a token for every running row, records it, and runs the model on it, attending to
+    the first `window` cache positions (all by default; running rows must stay below it)."""
     B, N = state.tokens_BN.shape
     rows_B = jnp.arange(B)
     token_B = sample(state.logits_BV, sampling, state.counts_BV, state.seen_BV, state.positions_B)
@@ -131,7 +134,7 @@ def decode_step(model, mesh: Mesh, state: DecodeState, sampling: SamplingArrays,
         top_ids_BNK = top_ids_BNK.at[rows_B, slot_B].set(top_id_BK, mode="drop")
         top_logprobs_BNK = top_logprobs_BNK.at[rows_B, slot_B].set(top_lp_BK, mode="drop")
     positions_B = jnp.minimum(state.positions_B, state.cache.length - 1)
-    x_B1D, cache = model.hidden(token_B[:, None], positions_B[:, None], state.cache)
+    x_B1D, cache = model.hidden(token_B[:, None], positions_B[:, None], state.cache, window)
     state = DecodeState(
         cache=cache,
         logits_BV=model.head(x_B1D)[:, 0],
@@ -149,7 +152,7 @@ def decode_step(model, mesh: Mesh, state: DecodeState, sampling: SamplingArrays,
     return lay_out(state, mesh)
 
 
-def _decode_loop(graphdef, mesh, params, state, sampling, stop_ids, max_steps):
+def _decode_loop(graphdef, mesh, window, params, state, sampling, stop_ids, max_steps):
     model = nnx.merge(graphdef, params)
 
     def running(carry):
@@ -158,13 +161,13 @@ def _decode_loop(graphdef, mesh, params, state, sampling, stop_ids, max_steps):
 
     def step(carry):
         state, step = carry
-        return decode_step(model, mesh, state, sampling, stop_ids), step + 1
+        return decode_step(model, mesh, state, sampling, stop_ids, window), step + 1
 
     return lay_out(jax.lax.while_loop(running, step, (state, jnp.int32(0)))[0], mesh)
 
 
 prefill = jax.jit(_prefill, static_argnums=(0, 1, 2, 3, 4))
-decode_loop = jax.jit(_decode_loop, static_argnums=(0, 1), donate_argnums=(3,))
+decode_loop = jax.jit(_decode_loop, static_argnums=(0, 1, 2), donate_argnums=(4,))
 
 
 def prompt_ids(model: Model, prompt: Prompt) -> list[int]:
@@ -247,7 +250,9 @@ class Batch:
 
     def decode(self, max_steps: int) -> None:
         model = self.model
-        self.state = decode_loop(model.graphdef, model.mesh, model.params, self.state, self.sampling, self.stop_ids, max_steps)
+        self.state = decode_loop(
+            model.graphdef, model.mesh, None, model.params, self.state, self.sampling, self.stop_ids, max_steps
+        )
 
     def stop_rows(self, rows: Sequence[int]) -> None:
         """Ends rows on the host's word (a stop string was found)."""

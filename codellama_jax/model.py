@@ -130,7 +130,7 @@ class Attention(nnx.Module):
     def __call__(self, x_BTD, positions_BT, rope, mask_BTS, kv):
         """Without a cache (`kv` None) the tokens attend to each other and their keys and values
         are returned (`[B, K, T, H]`); with one (`[B, K, S, H]` each) they are written at their
-        positions first, and the tokens attend to the cache."""
+        positions first, and the tokens attend to the cache's first `mask_BTS.shape[-1]` positions."""
         q_BTNH = apply_rope(self.q_proj(x_BTD), rope)
         k_BTKH = apply_rope(self.k_proj(x_BTD), rope)
         v_BTKH = self.v_proj(x_BTD)
@@ -140,7 +140,8 @@ class Attention(nnx.Module):
             rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
             k_BKSH = kv[0].at[rows_B1, :, positions_BT].set(k_BTKH.astype(kv[0].dtype))
             v_BKSH = kv[1].at[rows_B1, :, positions_BT].set(v_BTKH.astype(kv[1].dtype))
-        out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
+        S = mask_BTS.shape[-1]
+        out_BTNH = attend(q_BTNH, k_BKSH[:, :, :S], v_BKSH[:, :, :S], mask_BTS)
         return self.o_proj(out_BTNH), (k_BKSH, v_BKSH)
 
 
@@ -206,10 +207,12 @@ class Llama(nnx.Module):
         return self.head(self.hidden(tokens_BT, positions_BT)[0])
 
     def hidden(
-        self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None
+        self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None, window: int | None = None
     ) -> tuple[jax.Array, KVCache]:
         """Final-norm hidden states `[B, T, D]` and the cache: the tokens' own keys and values
-        (`[B, K, T, H]` per layer) without a cache, else the given cache with them written in."""
+        (`[B, K, T, H]` per layer) without a cache, else the given cache with them written in.
+        With a cache, attention reads only its first `window` positions (all by default): every
+        position must lie below it, and a long cache then costs only what is in use."""
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
         if self.embed_scale is not None:
             x_BTD = x_BTD * jnp.take(self.embed_scale[...], tokens_BT, axis=0)[..., None].astype(self.dtype)
@@ -217,7 +220,7 @@ class Llama(nnx.Module):
         if cache is None:  # causal over the given positions
             mask_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
         else:  # every cached position up to the token's own
-            mask_BTS = jnp.arange(cache.length)[None, None, :] <= positions_BT[:, :, None]
+            mask_BTS = jnp.arange(window or cache.length)[None, None, :] <= positions_BT[:, :, None]
         ks, vs = [], []
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])

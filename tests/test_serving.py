@@ -134,6 +134,18 @@ def test_n_seed_stop_and_logprobs(client, model):
     assert "e" not in stopped.choices[0].message.content
 
 
+def test_n_streams_interleave_by_index(client):
+    kwargs = dict(model=NAME, messages=HELLO, temperature=1.0, n=2, seed=4, max_tokens=10)
+    whole = client.chat.completions.create(**kwargs)
+    texts, reasons = ["", ""], [None, None]
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert texts == [c.message.content for c in whole.choices]
+    assert reasons == [c.finish_reason for c in whole.choices]
+
+
 def test_models_and_completions(client, model):
     assert [m.id for m in client.models.list().data] == [NAME]
     text = client.completions.create(model=NAME, prompt="def add(a, b):", temperature=0.0, max_tokens=8)
