@@ -48,6 +48,10 @@ class QueueFull(Exception):
     """More requests are waiting than the engine accepts; the server answers 429."""
 
 
+class EngineStopped(RuntimeError):
+    """The engine has stopped (or its device thread died): no request will be served; 503."""
+
+
 @dataclasses.dataclass
 class Chunk:
     """What one decode call produced for a request; the last has `finish_reason` set."""
@@ -134,6 +138,8 @@ class Engine:
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[Handle]:
         """Queues a request and returns its `n` handles; a prompt that cannot fit the context is
         a ValueError, a full queue `QueueFull`, both at once."""
+        if self._stop.is_set():
+            raise EngineStopped("the engine has stopped and serves no more requests")
         prompt_ids = list(prompt_ids)
         max_new = max_new_tokens(self.model, len(prompt_ids), params.max_tokens)
         if len(prompt_ids) + max_new > self.max_len:
@@ -147,6 +153,10 @@ class Engine:
             raise QueueFull(f"{self._waiting.qsize()} requests are waiting; try again shortly")
         if params.n > self.max_batch:
             raise ValueError(f"n={params.n} exceeds the server's {self.max_batch} decode slots")
+        vocab = self.model.config.vocab_size
+        for token in params.logit_bias or {}:
+            if not 0 <= token < vocab:
+                raise ValueError(f"logit_bias names token {token}, outside the vocabulary [0, {vocab})")
         tokenizer = self.model.tokenizer
         handles = [
             Handle(prompt_ids, params, i, max_new, TextStream(tokenizer, prompt_ids, params.stop))
@@ -171,26 +181,52 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stops the device thread; requests still queued or decoding end with EngineStopped."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
+        self._fail_all(EngineStopped("the engine stopped"))
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._admit()
+                    if self.slots_in_use == 0:
+                        self._wake.wait(timeout=0.5)
+                        self._wake.clear()
+                        continue
+                    self._step()
+                except Exception as e:  # a device failure ends the requests in flight, not the engine
+                    log.exception("engine step failed")
+                    self._reset(RuntimeError(f"generation failed: {e}"))
+        finally:  # the engine cannot go on (stopped, or even a reset failed): nobody waits forever
+            self._stop.set()
+            self._fail_all(EngineStopped("the engine stopped"))
+
+    def _reset(self, error: Exception) -> None:
+        """Fails every decoding request and starts over from empty slots and a fresh state."""
+        for handle in self._slots:
+            if handle is not None:
+                handle._put(error)
+        self._slots = [None] * self.max_batch
+        self._fed = [0] * self.max_batch
+        self._state = self._empty_state()
+        self._sampling = self._sampling_arrays()
+
+    def _fail_all(self, error: Exception) -> None:
+        for row, handle in enumerate(self._slots):
+            if handle is not None:
+                handle._put(error)
+                self._slots[row] = None
+        while True:
             try:
-                self._admit()
-                if self.slots_in_use == 0:
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    continue
-                self._step()
-            except Exception as e:  # a device failure ends the requests in flight, not the engine
-                log.exception("decode step failed")
-                for row, handle in enumerate(self._slots):
-                    if handle is not None:
-                        handle._put(RuntimeError(f"generation failed: {e}"))
-                        self._free(row)
+                handles = self._waiting.get_nowait()
+            except queue.Empty:
+                return
+            for handle in handles:
+                handle._put(error)
 
     def _admit(self) -> None:
         """Prefills waiting requests into free slots (a request with n samples needs n)."""
@@ -200,6 +236,9 @@ class Engine:
                 handles = self._waiting.queue[0]
             except IndexError:
                 return
+            if all(h.cancelled for h in handles):  # its client left while it waited
+                self._waiting.get_nowait()
+                continue
             if len(free) < len(handles):
                 return
             self._waiting.get_nowait()
@@ -246,12 +285,14 @@ class Engine:
             outgoing.append((handle, chunk))
             if not isinstance(chunk, Chunk) or chunk.finish_reason is not None:  # ended or failed
                 ended.append(row)
-        for row in ended:  # freed before the consumers hear of the end
-            self._free(row)
-        if ended:
-            self._sampling = self._sampling_arrays()
-        for handle, chunk in outgoing:
-            handle._put(chunk)
+        try:
+            for row in ended:  # freed before the consumers hear of the end
+                self._free(row)
+            if ended:
+                self._sampling = self._sampling_arrays()
+        finally:
+            for handle, chunk in outgoing:
+                handle._put(chunk)
 
     def _window(self) -> int:
         """Cache positions the next call attends to: a bucket above the furthest live row's

@@ -22,7 +22,7 @@ from quart import Quart, Response, request
 from quart_schema import QuartSchema, RequestSchemaValidationError, validate_request
 from werkzeug.exceptions import HTTPException
 
-from codellama_jax.engine import Chunk, Engine, Handle, QueueFull
+from codellama_jax.engine import Chunk, Engine, EngineStopped, Handle, QueueFull
 from codellama_jax.loader import Model
 
 from . import protocol
@@ -116,11 +116,18 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
                                 param="model", status=404, code="model_not_found")  # fmt: skip
 
     def submit(prompt_ids: list[int], body) -> list[Handle]:
+        if body.n > engine.max_batch:
+            raise ProtocolError(f"n={body.n} exceeds the server's {engine.max_batch} decode slots", param="n")
+        params = body.sampling()
         try:
-            return engine.submit(prompt_ids, body.sampling())
+            return engine.submit(prompt_ids, params)
         except QueueFull as e:
             raise ProtocolError(str(e), status=429, type="rate_limit_error", code="rate_limit_exceeded") from None
+        except EngineStopped as e:
+            raise ProtocolError(str(e), status=503, type="server_error", code="unavailable") from None
         except ValueError as e:
+            if str(e).startswith("logit_bias"):
+                raise ProtocolError(str(e), param="logit_bias") from None
             raise ProtocolError(str(e), param="messages" if hasattr(body, "messages") else "prompt",
                                 code="context_length_exceeded") from None  # fmt: skip
 
@@ -173,11 +180,15 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
                        "choices": choices, **extra}  # fmt: skip
             return f"data: {json.dumps(payload)}\n\n"
 
+        text_offsets = [0] * len(handles)  # where each choice's next text starts, for completions' logprobs
+
         def choice(index: int, text: str = "", logprobs=None, reason: str | None = None, first: bool = False) -> dict:
             if kind == "chat":
                 delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
                 return {"index": index, "delta": delta, "logprobs": protocol.chat_logprobs(logprobs), "finish_reason": reason}
-            return {"index": index, "text": text, "logprobs": protocol.text_logprobs(logprobs), "finish_reason": reason}
+            text_logprobs = protocol.text_logprobs(logprobs, text_offsets[index])
+            text_offsets[index] += len(text)
+            return {"index": index, "text": text, "logprobs": text_logprobs, "finish_reason": reason}
 
         async def events() -> AsyncIterator[str]:
             completion_tokens = [0] * len(handles)
@@ -229,7 +240,11 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
         check_model(data.model)
         data.check()
         messages = [m.model_dump(exclude_none=True) for m in data.messages]
-        prompt_ids = model.chat_template.encode(model.tokenizer, messages)
+        messages.sort(key=lambda m: m["role"] != "system")  # the one system message, wherever sent, first
+        try:  # templates and tokenizers are CPU work: off the event loop, so streams keep flowing
+            prompt_ids = await asyncio.to_thread(model.chat_template.encode, model.tokenizer, messages)
+        except ValueError as e:  # the model's own template refused the conversation
+            raise ProtocolError(f"the chat template refused these messages: {e}", param="messages") from None
         return await respond(data, prompt_ids, "chat")
 
     @app.post("/v1/completions")
@@ -238,7 +253,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
     async def completions(data: CompletionRequest):
         check_model(data.model)
         data.check()
-        prompt_ids = model.tokenizer.encode(data.prompt, add_bos=model.tokenizer.add_bos)
+        prompt_ids = await asyncio.to_thread(model.tokenizer.encode, data.prompt, add_bos=model.tokenizer.add_bos)
         return await respond(data, prompt_ids, "text")
 
     @app.get("/v1/models")

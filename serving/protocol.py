@@ -49,8 +49,13 @@ class Sampling(Strict):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, ge=0.01, le=5)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> -100..100
     user: str | None = None
     stream_options: StreamOptions | None = None
+
+    def check_stream_options(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise ProtocolError("stream_options is only allowed when stream is true", param="stream_options")
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -61,11 +66,22 @@ class Sampling(Strict):
         return stops
 
     def sampling_params(self, *, logprobs: bool, top_logprobs: int) -> SamplingParams:
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise ProtocolError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+            bias[int(key)] = value
+        try:
+            return self._sampling_params(logprobs, top_logprobs, bias)
+        except ValueError as e:  # the ranges the schema cannot state (logit_bias values)
+            raise ProtocolError(str(e), param=str(e).split("[")[0].split(" ")[0]) from None
+
+    def _sampling_params(self, logprobs: bool, top_logprobs: int, bias: dict[int, float]) -> SamplingParams:
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k,
             max_tokens=self.max_tokens, stop=self.stops(), n=self.n, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty, seed=self.seed,
-            logprobs=logprobs, top_logprobs=top_logprobs,
+            logit_bias=bias or None, logprobs=logprobs, top_logprobs=top_logprobs,
         )  # fmt: skip
 
     @property
@@ -83,6 +99,7 @@ class ChatCompletionRequest(Sampling):
 
     def check(self) -> None:
         """What the schema cannot say: message order, and the features not served yet."""
+        self.check_stream_options()
         roles = [m.role for m in self.messages if m.role != "system"]
         if sum(m.role == "system" for m in self.messages) > 1:
             raise ProtocolError("at most one system message is allowed", param="messages")
@@ -112,6 +129,7 @@ class CompletionRequest(Sampling):
     echo: bool = False
 
     def check(self) -> None:
+        self.check_stream_options()
         if self.echo:
             raise ProtocolError("echo is not supported", param="echo")
 

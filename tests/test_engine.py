@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from codellama_jax import generate, load
-from codellama_jax.engine import Engine, QueueFull
+from codellama_jax.engine import Engine, EngineStopped, QueueFull
 from codellama_jax.sampling import SamplingParams
 
 from conftest import write_hf_checkpoint
@@ -102,5 +102,64 @@ def test_full_queue_and_oversized_requests_are_refused_at_once(model):
             engine.submit(list(range(1, 60)), SamplingParams(max_tokens=10))
         with pytest.raises(ValueError, match="n=2 exceeds the server's 1 decode slots"):
             Engine(model, max_batch=1, max_len=64).submit(PROMPTS[0], SamplingParams(n=2))
+
+    asyncio.run(main())
+
+
+def test_a_failing_request_fails_alone_and_a_failed_step_is_recovered(model, monkeypatch):
+    engine = Engine(model, max_batch=4, max_len=64, steps_per_call=2)
+    advance = Engine._advance
+
+    def poisoned(self, row, handle, host):
+        if handle.params.seed == 666:
+            raise RuntimeError("injected")
+        return advance(self, row, handle, host)
+
+    monkeypatch.setattr(Engine, "_advance", poisoned)
+    engine.start()
+
+    async def outcome(handle):
+        try:
+            return (await _collect(handle))[2]
+        except RuntimeError as e:
+            return str(e)
+
+    async def main(requests):
+        handles = [h for prompt, params in requests for h in engine.submit(prompt, params)]
+        return await asyncio.gather(*(outcome(h) for h in handles))
+
+    try:
+        good = SamplingParams(temperature=0.0, max_tokens=8)
+        results = asyncio.run(main([(PROMPTS[0], good), (PROMPTS[1], SamplingParams(seed=666, max_tokens=8)),
+                                    (PROMPTS[2], good)]))  # fmt: skip
+        assert results[1] == "request failed: injected"
+        assert results[0] == generate(model, [PROMPTS[0]], temperature=0.0, max_tokens=8)[0].token_ids
+        step = Engine._step
+        calls = []
+
+        def failing_once(self):
+            if not calls:
+                calls.append(1)
+                raise RuntimeError("device lost")
+            return step(self)
+
+        monkeypatch.setattr(Engine, "_step", failing_once)
+        assert asyncio.run(main([(PROMPTS[0], good)])) == ["generation failed: device lost"]
+        assert asyncio.run(main([(PROMPTS[0], good)]))[0] == results[0]  # the engine serves on
+    finally:
+        engine.stop()
+
+
+def test_a_stopped_engine_refuses_and_ends_what_waited(model):
+    engine = Engine(model, max_batch=1, max_len=64)
+
+    async def main():
+        waiting = engine.submit(PROMPTS[0], SamplingParams(max_tokens=4))[0]  # never started: it waits
+        engine.stop()
+        with pytest.raises(EngineStopped):
+            async for _ in waiting:
+                pass
+        with pytest.raises(EngineStopped):
+            engine.submit(PROMPTS[0], SamplingParams(max_tokens=4))
 
     asyncio.run(main())

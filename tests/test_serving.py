@@ -90,13 +90,14 @@ def client(server):
     return openai.OpenAI(base_url=f"{server[0]}/v1/openai", api_key=KEY, max_retries=0)
 
 
-SAMPLING = dict(temperature=0.7, top_p=0.9, max_tokens=12, presence_penalty=0.5, frequency_penalty=0.3, seed=5)
+SAMPLING = dict(temperature=0.7, top_p=0.9, max_tokens=12, presence_penalty=0.5, frequency_penalty=0.3, seed=5,
+                logit_bias={"7": 5.0, "11": -100.0})  # fmt: skip
 EXTRA = dict(top_k=40, min_p=0.05, repetition_penalty=1.2)  # the contract's fields beyond OpenAI's
 
 
 def test_chat_with_every_sampling_field_equals_the_library(client, model):
     reply = client.chat.completions.create(model=NAME, messages=HELLO, **SAMPLING, extra_body=EXTRA, user="alice")
-    expected = chat(model, HELLO, **SAMPLING, **EXTRA)
+    expected = chat(model, HELLO, **{**SAMPLING, "logit_bias": {7: 5.0, 11: -100.0}}, **EXTRA)
     assert reply.choices[0].message.content == expected.text and reply.choices[0].message.role == "assistant"
     assert reply.choices[0].finish_reason == expected.finish_reason
     assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion" and reply.model == NAME
@@ -146,6 +147,13 @@ def test_n_streams_interleave_by_index(client):
     assert reasons == [c.finish_reason for c in whole.choices]
 
 
+def test_a_system_message_anywhere_counts_as_the_first(client):
+    system = {"role": "system", "content": "Be brief."}
+    first = client.chat.completions.create(model=NAME, messages=[system, *HELLO], temperature=0.0, max_tokens=6)
+    later = client.chat.completions.create(model=NAME, messages=[*HELLO, system], temperature=0.0, max_tokens=6)
+    assert later.choices[0].message.content == first.choices[0].message.content
+
+
 def test_models_and_completions(client, model):
     assert [m.id for m in client.models.list().data] == [NAME]
     text = client.completions.create(model=NAME, prompt="def add(a, b):", temperature=0.0, max_tokens=8)
@@ -170,11 +178,14 @@ def test_error_classes(client, server):
     assert "tokens" in long.value.body["message"]
 
 
-def test_full_queue_is_429(model):
-    with running_server(model, max_queue=0, start_engine=False) as (url, _):
+def test_full_queue_is_429_and_n_beyond_the_slots_400(model):
+    with running_server(model, max_batch=2, max_queue=0, start_engine=False) as (url, _):
         c = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
         with pytest.raises(openai.RateLimitError):
             c.chat.completions.create(model=NAME, messages=HELLO)
+        with pytest.raises(openai.BadRequestError) as too_many:
+            c.chat.completions.create(model=NAME, messages=HELLO, n=4)
+        assert too_many.value.body["param"] == "n"
 
 
 def _post(url, body, key=KEY, **kw):
@@ -221,7 +232,11 @@ def test_the_contract_examples_as_raw_http(server):
         (json.dumps({"model": NAME, "messages": HELLO, "temperature": "hot"}), 400, "temperature"),
         (json.dumps({"model": NAME, "messages": HELLO, "top_k": 1000}), 400, "top_k"),
         (json.dumps({"model": NAME, "messages": HELLO, "n": 5}), 400, "n"),
+        (json.dumps({"model": NAME, "messages": HELLO, "stream_options": {"include_usage": True}}), 400, "stream_options"),
         (json.dumps({"model": NAME, "messages": HELLO, "stop": ["x"] * 17}), 400, "stop"),
+        (json.dumps({"model": NAME, "messages": HELLO, "logit_bias": {"5": 101}}), 400, "logit_bias"),
+        (json.dumps({"model": NAME, "messages": HELLO, "logit_bias": {"99999": 1}}), 400, "logit_bias"),
+        (json.dumps({"model": NAME, "messages": HELLO, "logit_bias": {"a": 1}}), 400, "logit_bias"),
         (json.dumps({"model": NAME, "messages": HELLO, "surprise": 1}), 400, "surprise"),
         ('{"model": "%s", "messages": %s, "top_p": NaN}' % (NAME, json.dumps(HELLO)), 400, "top_p"),
         (json.dumps({"model": NAME, "messages": [{"role": "assistant", "content": "hi"}]}), 400, "messages"),
@@ -229,7 +244,8 @@ def test_the_contract_examples_as_raw_http(server):
         (json.dumps({"model": NAME, "messages": HELLO, "response_format": {"type": "json_object"}}), 400, "response_format"),
         (json.dumps({"model": NAME, "messages": [{"role": "user", "content": "x" * 2**20}]}), 413, None),
     ],
-    ids=["malformed", "array", "no-messages", "empty-messages", "wrong-type", "top_k-range", "n-range", "17-stops",
+    ids=["malformed", "array", "no-messages", "empty-messages", "wrong-type", "top_k-range", "n-range",
+         "stream_options-without-stream", "17-stops", "bias-range", "bias-vocab", "bias-key",
          "unknown-field", "nan", "order", "tools", "response_format", "too-large"],  # fmt: skip
 )
 def test_bad_input_is_a_clear_openai_error(server, body, status, param):
