@@ -20,7 +20,7 @@ $(SMOLLM2): | $(VENV)/.installed
 
 # the OpenAI-compatible server on the demo model, http://127.0.0.1:8000 (ARGS="--port 9000 ..." adds flags)
 serve: $(VENV)/.installed $(SMOLLM2)
-	$(PY) -m codellama_jax.serving --model $(SMOLLM2) --served-model-name HuggingFaceTB/SmolLM2-135M-Instruct $(ARGS)
+	$(PY) -m codellama_jax.serving --model $(SMOLLM2) $(ARGS)
 
 test: $(VENV)/.installed $(SMOLLM2)
 	$(PY) -m pytest -m "not slow"

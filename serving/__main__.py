@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from codellama_jax import demo_model
 from codellama_jax.checkpoint import FORMAT_FILE
 
 ENV_API_KEYS = "CODELLAMA_API_KEYS"
@@ -51,7 +52,10 @@ def api_keys(key_file: Path | None) -> tuple[str, ...]:
 
 
 def served_name(path: Path) -> str:
-    """The checkpoint's own name: its directory (or the converted checkpoint's source), or the GGUF's stem."""
+    """The checkpoint's own name: its directory (or the converted checkpoint's source), or the
+    GGUF's stem; the demo model's Hugging Face name."""
+    if path.name == demo_model.FILENAME:
+        return demo_model.NAME
     format_file = path / FORMAT_FILE
     if format_file.is_file():
         path = Path(json.loads(format_file.read_text()).get("source") or path)
@@ -89,14 +93,13 @@ async def _serve(args: argparse.Namespace) -> int:
     from hypercorn.config import Config
 
     from codellama_jax import load, make_mesh
-    from codellama_jax.demo_model import fetch_smollm2
     from codellama_jax.engine import Engine
     from codellama_jax.sampling import SamplingParams
 
     from .app import ServerConfig, create_app
 
     keys = api_keys(args.api_key_file)
-    path = Path(args.model) if args.model else fetch_smollm2(DEFAULT_CACHE / "models")
+    path = Path(args.model) if args.model else demo_model.fetch_smollm2(DEFAULT_CACHE / "models")
     mesh = None
     if args.mesh:
         try:

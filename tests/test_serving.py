@@ -24,6 +24,7 @@ from codellama_jax import chat, generate, load
 from codellama_jax.checkpoint import convert
 from codellama_jax.convert import open_checkpoint
 from codellama_jax.engine import Engine
+from codellama_jax.serving.__main__ import served_name
 from codellama_jax.serving.app import ServerConfig, create_app
 
 from conftest import write_hf_checkpoint
@@ -337,3 +338,10 @@ def test_cli_help_explains_every_flag():
     for flag in ("--model", "--served-model-name", "--host", "--port", "--max-batch", "--max-len", "--mesh",
                  "--price-input", "--price-output", "--api-key-file", "CODELLAMA_API_KEYS"):  # fmt: skip
         assert flag in out.stdout
+
+
+def test_served_name_is_the_checkpoints_own(tmp_path, sp_dir):
+    assert served_name(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert served_name(tmp_path / "CodeLlama-70b-Instruct-hf") == "CodeLlama-70b-Instruct-hf"
+    hf_dir = write_hf_checkpoint(tmp_path / "CodeLlama-7b-Instruct-hf", sp_dir)
+    assert served_name(convert(open_checkpoint(hf_dir), tmp_path / "converted", dtype="float32")) == hf_dir.name
