@@ -22,10 +22,10 @@ from flax import nnx
 from orbax.checkpoint import v1 as ocp
 from tqdm import tqdm
 
+from codellama_jax import quantize as quantization
 from codellama_jax import weights
 from codellama_jax.config import LlamaConfig
 from codellama_jax.model import abstract_model
-from codellama_jax.quantize import quantize_int8, scale_path
 
 FORMAT_FILE = "codellama_jax.json"
 PARAMS_DIR = "params"
@@ -85,7 +85,7 @@ def convert(
     if dst.exists():
         raise FileExistsError(f"{dst}: already exists; remove it or choose another destination")
     param_dtype = parse_dtype(dtype)
-    int8_axes = quantized_axes(source.config, quantize)
+    int8 = quantization.int8_axes(nnx.state(abstract_model(source.config, quant=quantize), nnx.Param))
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -96,12 +96,7 @@ def convert(
         batch: dict = {}
         batch_bytes = 0
         for path, value in read_params(source, param_dtype, progress=progress):
-            if path in int8_axes:
-                q, scale = jax.device_get(quantize_int8(value, int8_axes[path]))
-                tensors = {path: q, scale_path(path): scale}
-            else:
-                tensors = {path: value}
-            for p, v in tensors.items():
+            for p, v in jax.device_get(quantization.stored(path, value, int8)).items():
                 _nest(batch, p, v)
                 batch_bytes += v.nbytes
             if batch_bytes >= budget:
@@ -135,12 +130,6 @@ def check_format(path: str | Path) -> str | None:
             "convert the source checkpoint again"
         )
     return info.get("quantization")
-
-
-def quantized_axes(config: LlamaConfig, quant: str | None) -> dict[weights.ParamPath, tuple[int, ...]]:
-    """The parameters `quant` stores as int8, with the input axes their scales reduce over."""
-    state = nnx.state(abstract_model(config, quant=quant), nnx.Param)
-    return {p: var.quant_axes for p, var in nnx.to_flat_state(state) if var.dtype == jnp.int8}
 
 
 def restore_params(path: str | Path, abstract_state: nnx.State, sharding) -> nnx.State:

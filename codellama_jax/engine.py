@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import queue
 import threading
+from types import SimpleNamespace
 from typing import AsyncIterator, Sequence
 
 import jax
@@ -35,8 +36,8 @@ from codellama_jax.generation import (
     decode_loop,
     max_new_tokens,
     prefill,
+    token_logprob,
 )
-from codellama_jax.kv_cache import KVCache
 from codellama_jax.loader import Model, bucket
 from codellama_jax.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingParams
 from codellama_jax.tokenizer import TextStream
@@ -269,8 +270,7 @@ class Engine:
         self._state = decode_loop(
             m.graphdef, m.mesh, self._window(), m.params, self._state, self._sampling, self._stop_ids, self.steps_per_call
         )
-        names = ("generated_B", "finish_B", "tokens_BN", "logprobs_BN", "top_ids_BNK", "top_logprobs_BNK")
-        host = dict(zip(names, jax.device_get(tuple(getattr(self._state, n) for n in names))))
+        host = self._state.results()
         ended, outgoing = [], []
         for row, handle in enumerate(self._slots):
             if handle is None:
@@ -300,24 +300,24 @@ class Engine:
         furthest = max(len(h.prompt_ids) + self._fed[row] for row, h in enumerate(self._slots) if h is not None)
         return min(bucket(furthest + self.steps_per_call + 1), self.max_len)
 
-    def _advance(self, row: int, handle: Handle, host: dict) -> Chunk | None:
+    def _advance(self, row: int, handle: Handle, host: SimpleNamespace) -> Chunk | None:
         """The row's new tokens through its text stream, as a chunk for its consumer (None when
         there is nothing to say); the chunk has a finish_reason when the request has ended."""
         stream, start = handle.stream, self._fed[row]
-        generated = int(host["generated_B"][row])
+        generated = int(host.generated_B[row])
         released = len(stream.text)
         new_ids, logprobs = [], []
         for j in range(start, generated):
             if stream.stopped:
                 break
-            token = int(host["tokens_BN"][row, j])
+            token = int(host.tokens_BN[row, j])
             stream.push(token)
             new_ids.append(token)
             if handle.params.logprobs:
-                logprobs.append(self._logprob(host, row, j, token, handle.params.top_logprobs))
+                logprobs.append(token_logprob(self.model.tokenizer, host, row, j, handle.params.top_logprobs))
         self._fed[row] = start + len(new_ids)
         handle.completion_tokens = self._fed[row]
-        finish = int(host["finish_B"][row])
+        finish = int(host.finish_B[row])
         reason = None
         if stream.stopped or handle.cancelled or finish != RUNNING:
             stream.finish()
@@ -328,37 +328,15 @@ class Engine:
         return Chunk(text, new_ids, logprobs if handle.params.logprobs else None, reason,
                      len(handle.prompt_ids), handle.completion_tokens)  # fmt: skip
 
-    def _logprob(self, host: dict, row: int, j: int, token: int, top: int) -> TokenLogprob:
-        decode = self.model.tokenizer.decode
-        alternatives = [
-            (int(k), decode([int(k)], skip_special_tokens=False, continuation=True), float(lp))
-            for k, lp in zip(host["top_ids_BNK"][row, j], host["top_logprobs_BNK"][row, j])
-        ][:top]
-        text = decode([token], skip_special_tokens=False, continuation=True)
-        return TokenLogprob(token, text, float(host["logprobs_BN"][row, j]), alternatives)
-
     def _free(self, row: int) -> None:
         self._slots[row] = None
         self._state = self._state._replace(finish_B=self._state.finish_B.at[row].set(STOPPED))
 
     def _empty_state(self) -> DecodeState:
         """All slots free: a state of the full batch shape, every row finished."""
-        m, B, S, V = self.model, self.max_batch, self.max_len, self.model.config.vocab_size
-        K = min(MAX_TOP_LOGPROBS, V)
-        state = DecodeState(
-            cache=KVCache.zeros(m.config, B, S, m.module.dtype),
-            logits_BV=jnp.zeros((B, V), jnp.float32),
-            positions_B=jnp.zeros(B, jnp.int32),
-            counts_BV=jnp.zeros((B, V), jnp.int32),
-            seen_BV=jnp.zeros((B, V), bool),
-            generated_B=jnp.zeros(B, jnp.int32),
-            max_new_B=jnp.zeros(B, jnp.int32),
-            finish_B=jnp.full(B, STOPPED, jnp.int32),
-            tokens_BN=jnp.zeros((B, S), jnp.int32),
-            logprobs_BN=jnp.zeros((B, S), jnp.float32),
-            top_ids_BNK=jnp.zeros((B, S, K), jnp.int32),
-            top_logprobs_BNK=jnp.zeros((B, S, K), jnp.float32),
-        )
+        m = self.model
+        top_k = min(MAX_TOP_LOGPROBS, m.config.vocab_size)
+        state = DecodeState.empty(m.config, self.max_batch, self.max_len, self.max_len, top_k, m.module.dtype)
         return jax.device_put(state, sharding.replicated(m.mesh))
 
     def _sampling_arrays(self) -> SamplingArrays:

@@ -68,6 +68,43 @@ class DecodeState(NamedTuple):
     top_ids_BNK: jax.Array  # K is 0 when no row asked for top logprobs
     top_logprobs_BNK: jax.Array
 
+    @classmethod
+    def empty(cls, config, batch: int, cache_len: int, max_new: int, top_k: int, dtype) -> DecodeState:
+        """Every row finished and every array zero: what prefill fills in, and free engine slots."""
+        B, N, V = batch, max_new, config.vocab_size
+        return cls(
+            cache=KVCache.zeros(config, B, cache_len, dtype),
+            logits_BV=jnp.zeros((B, V), jnp.float32),
+            positions_B=jnp.zeros(B, jnp.int32),
+            counts_BV=jnp.zeros((B, V), jnp.int32),
+            seen_BV=jnp.zeros((B, V), bool),
+            generated_B=jnp.zeros(B, jnp.int32),
+            max_new_B=jnp.zeros(B, jnp.int32),
+            finish_B=jnp.full(B, STOPPED, jnp.int32),
+            tokens_BN=jnp.zeros((B, N), jnp.int32),
+            logprobs_BN=jnp.zeros((B, N), jnp.float32),
+            top_ids_BNK=jnp.zeros((B, N, top_k), jnp.int32),
+            top_logprobs_BNK=jnp.zeros((B, N, top_k), jnp.float32),
+        )
+
+    def results(self) -> SimpleNamespace:
+        """Host copies of what the rows produced (not the cache): the arrays every host can read."""
+        names = ("generated_B", "finish_B", "tokens_BN", "logprobs_BN", "top_ids_BNK", "top_logprobs_BNK")
+        return SimpleNamespace(**jax.device_get({name: getattr(self, name) for name in names}))
+
+
+def token_logprob(tokenizer, results: SimpleNamespace, row: int, j: int, top: int) -> TokenLogprob:
+    """The `j`-th generated token of `row`, with its logprob and `top` alternatives, from `results()`."""
+
+    def text(token) -> str:
+        return tokenizer.decode([int(token)], skip_special_tokens=False, continuation=True)
+
+    token = int(results.tokens_BN[row, j])
+    alternatives = [
+        (int(k), text(k), float(lp)) for k, lp in zip(results.top_ids_BNK[row, j], results.top_logprobs_BNK[row, j])
+    ]
+    return TokenLogprob(token, text(token), float(results.logprobs_BN[row, j]), alternatives[:top])
+
 
 def lay_out(state: DecodeState, mesh: Mesh) -> DecodeState:
     """The state's place on the mesh: the cache split over rows ('data') and kv heads ('model'),
@@ -92,22 +129,16 @@ def _prefill(graphdef, cache_len, top_k, max_new, mesh, params, tokens_BT, lengt
     last_BD = x_BTD[jnp.arange(B), lengths_B - 1]
     logits_BV = model.head(last_BD[:, None])[:, 0]
     V = logits_BV.shape[-1]
-    cache = KVCache.zeros(model.config, B, cache_len, model.dtype).insert(prompt_kv)
+    state_cache = KVCache.zeros(model.config, B, cache_len, model.dtype).insert(prompt_kv)
     in_prompt_BT = jnp.arange(T)[None, :] < lengths_B[:, None]
     seen_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], tokens_BT].max(in_prompt_BT)
-    state = DecodeState(
-        cache=cache,
+    state = DecodeState.empty(model.config, B, cache_len, max_new, top_k, model.dtype)._replace(
+        cache=state_cache,
         logits_BV=logits_BV,
         positions_B=lengths_B.astype(jnp.int32),
-        counts_BV=jnp.zeros((B, V), jnp.int32),
         seen_BV=seen_BV,
-        generated_B=jnp.zeros(B, jnp.int32),
         max_new_B=max_new_B,
         finish_B=jnp.where(max_new_B > 0, RUNNING, LENGTH).astype(jnp.int32),
-        tokens_BN=jnp.zeros((B, max_new), jnp.int32),
-        logprobs_BN=jnp.zeros((B, max_new), jnp.float32),
-        top_ids_BNK=jnp.zeros((B, max_new, top_k), jnp.int32),
-        top_logprobs_BNK=jnp.zeros((B, max_new, top_k), jnp.float32),
     )
     return lay_out(state, mesh)
 
@@ -304,9 +335,7 @@ def generate(model: Model, prompts: Sequence[Prompt], **sampling: Any) -> list[C
 
 
 def _completions(model: Model, batch: Batch, streams: list[TextStream]) -> list[Completion]:
-    results = ("generated_B", "finish_B", "tokens_BN", "logprobs_BN", "top_ids_BNK", "top_logprobs_BNK")
-    state = SimpleNamespace(**jax.device_get({name: getattr(batch.state, name) for name in results}))
-    tokenizer = model.tokenizer
+    state = batch.state.results()
     out = []
     for r, ((p, ids, i), stream) in enumerate(zip(batch.rows, streams)):
         n = batch.stopped_at.get(r, int(state.generated_B[r]))
@@ -315,18 +344,7 @@ def _completions(model: Model, batch: Batch, streams: list[TextStream]) -> list[
             stream.finish()
         logprobs = None
         if batch.params.logprobs:
-            logprobs = [
-                TokenLogprob(
-                    t,
-                    tokenizer.decode([t], skip_special_tokens=False, continuation=True),
-                    float(state.logprobs_BN[r, j]),
-                    [
-                        (int(k), tokenizer.decode([int(k)], skip_special_tokens=False, continuation=True), float(lp))
-                        for k, lp in zip(state.top_ids_BNK[r, j], state.top_logprobs_BNK[r, j])
-                    ][: batch.params.top_logprobs],
-                )
-                for j, t in enumerate(tokens)
-            ]
+            logprobs = [token_logprob(model.tokenizer, state, r, j, batch.params.top_logprobs) for j in range(n)]
         stopped_by_text = stream is not None and stream.stopped
         reason = "stop" if stopped_by_text else FINISH_REASONS[int(state.finish_B[r])]
         text = stream.text if stream is not None else ""

@@ -7,18 +7,17 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from codellama_jax import checkpoint, sharding
+from codellama_jax import quantize as quantization
 from codellama_jax.chat import ChatTemplate, chat_template_for, read_chat_template
 from codellama_jax.config import LlamaConfig
 from codellama_jax.convert import open_checkpoint
 from codellama_jax.convert.hf import with_generation_config
-from codellama_jax.model import QUANTIZATIONS, Llama, abstract_model
-from codellama_jax.quantize import quantize_int8, scale_path
+from codellama_jax.model import Llama, abstract_model
 from codellama_jax.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -101,8 +100,7 @@ def load(path: str | Path, *, dtype: str | None = None, mesh: Mesh | None = None
     """
     path = Path(path)
     param_dtype = checkpoint.parse_dtype(dtype or default_dtype())
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"unsupported quantization {quantize!r}; choose one of: {', '.join(map(str, QUANTIZATIONS))}")
+    quantization.check(quantize)
     mesh = mesh or sharding.single_device_mesh()
     place = functools.partial(sharding.param_sharding, mesh)
     if checkpoint.is_checkpoint(path):
@@ -129,15 +127,11 @@ def _fill(state: nnx.State, mesh: Mesh, tensors) -> None:
     """Sets the abstract state's variables from (path, full-precision array) pairs, each on its
     shards; an int8 variable gets the weight quantized there, and its scale beside it."""
     variables = dict(nnx.to_flat_state(state))
+    int8 = quantization.int8_axes(state)
     for p, value in tensors:
-        var = variables[p]
-        placed = jax.device_put(value, sharding.param_sharding(mesh, var))
-        if var.dtype == jnp.int8:
-            scale_var = variables[scale_path(p)]
-            q, scale = quantize_int8(placed, var.quant_axes)
-            var.value, scale_var.value = q, jax.device_put(scale, sharding.param_sharding(mesh, scale_var))
-        else:
-            var.value = placed
+        placed = jax.device_put(value, sharding.param_sharding(mesh, variables[p]))
+        for q, array in quantization.stored(p, placed, int8).items():
+            variables[q].value = jax.device_put(array, sharding.param_sharding(mesh, variables[q]))
 
 
 def _optional_tokenizer(read) -> Tokenizer | None:

@@ -16,10 +16,10 @@ import numpy as np
 from flax import nnx
 
 from codellama_jax.config import LlamaConfig
+from codellama_jax import quantize
 from codellama_jax.kv_cache import KVCache
 
 _INIT = nnx.initializers.normal(0.02)
-QUANTIZATIONS = (None, "int8")
 
 
 class Proj(nnx.Module):
@@ -181,8 +181,7 @@ class Llama(nnx.Module):
     def __init__(
         self, config: LlamaConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, quant: str | None = None, rngs: nnx.Rngs
     ):
-        if quant not in QUANTIZATIONS:
-            raise ValueError(f"unsupported quantization {quant!r}; choose one of: {', '.join(map(str, QUANTIZATIONS))}")
+        quantize.check(quant)
         self.config = config
         self.dtype = dtype
         V, D = config.vocab_size, config.dim

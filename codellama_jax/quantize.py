@@ -13,8 +13,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from codellama_jax.weights import ParamPath
+
+QUANTIZATIONS = (None, "int8")
+
+
+def check(quant: str | None) -> None:
+    if quant not in QUANTIZATIONS:
+        raise ValueError(f"unsupported quantization {quant!r}; choose one of: {', '.join(map(str, QUANTIZATIONS))}")
 
 
 def scale_path(path: ParamPath) -> ParamPath:
@@ -31,3 +39,16 @@ def quantize_int8(w: jax.Array, in_axes: tuple[int, ...]) -> tuple[jax.Array, ja
     scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
     q = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
     return q, jnp.squeeze(scale, axis=in_axes)
+
+
+def int8_axes(state: nnx.State) -> dict[ParamPath, tuple[int, ...]]:
+    """The int8 parameters of a (possibly abstract) state, with the input axes of each."""
+    return {p: var.quant_axes for p, var in nnx.to_flat_state(state) if var.dtype == jnp.int8}
+
+
+def stored(path: ParamPath, weight, int8: dict[ParamPath, tuple[int, ...]]) -> dict[ParamPath, jax.Array]:
+    """What a full-precision weight is kept as: itself, or int8 with its scale beside it."""
+    if path not in int8:
+        return {path: weight}
+    q, scale = quantize_int8(weight, int8[path])
+    return {path: q, scale_path(path): scale}
