@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codellama_jax import sharding
+from codellama_jax import sharding, structured
 from codellama_jax.generation import (
     FINISH_REASONS,
     RUNNING,
@@ -68,8 +68,10 @@ class Chunk:
 class Handle:
     """One sample of one request: async-iterate it for chunks; `cancel()` frees its slot."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, index: int, max_new: int, stream: TextStream):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, index: int, max_new: int, stream: TextStream,
+                 constraint: structured.Constraint | None = None):  # fmt: skip
         self.prompt_ids, self.params, self.index, self.max_new, self.stream = prompt_ids, params, index, max_new, stream
+        self.constraint = constraint
         self.cancelled = False
         self.completion_tokens = 0
         self._loop = asyncio.get_running_loop()
@@ -133,12 +135,17 @@ class Engine:
         self._state = self._empty_state()
         self._sampling = self._sampling_arrays()
         self._stop_ids = sharding.put(np.array(model.stop_token_ids or (-1,), np.int32), model.mesh)
+        words = structured.bitmask_words(model.config.vocab_size)
+        self._all_allowed = sharding.put(np.full((self.max_batch, words), -1, np.int32), model.mesh)
 
     # -- the consumer side (event loop) --
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[Handle]:
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams, grammar: structured.Grammar | None = None
+    ) -> list[Handle]:
         """Queues a request and returns its `n` handles; a prompt that cannot fit the context is
-        a ValueError, a full queue `QueueFull`, both at once."""
+        a ValueError, a full queue `QueueFull`, both at once. With a `grammar`, every sample's
+        output follows it (its slot then decodes one step per call)."""
         if self._stop.is_set():
             raise EngineStopped("the engine has stopped and serves no more requests")
         prompt_ids = list(prompt_ids)
@@ -160,9 +167,10 @@ class Engine:
                 raise ValueError(f"logit_bias names token {token}, outside the vocabulary [0, {vocab})")
         tokenizer = self.model.tokenizer
         handles = [
-            Handle(prompt_ids, params, i, max_new, TextStream(tokenizer, prompt_ids, params.stop))
+            Handle(prompt_ids, params, i, max_new, TextStream(tokenizer, prompt_ids, params.stop),
+                   grammar.constraint() if grammar is not None else None)
             for i in range(params.n)
-        ]
+        ]  # fmt: skip
         self._waiting.put(handles)
         self._wake.set()
         return handles
@@ -267,8 +275,13 @@ class Engine:
 
     def _step(self) -> None:
         m = self.model
+        steps, allowed = self.steps_per_call, self._all_allowed
+        constraints = [h.constraint if h is not None else None for h in self._slots]
+        if any(c is not None for c in constraints):  # a grammar's mask holds for one step
+            steps = 1
+            allowed = sharding.put(structured.fill_bitmask(constraints, m.config.vocab_size), m.mesh)
         self._state = decode_loop(
-            m.graphdef, m.mesh, self._window(), m.params, self._state, self._sampling, self._stop_ids, self.steps_per_call
+            m.graphdef, m.mesh, self._window(steps), m.params, self._state, self._sampling, self._stop_ids, allowed, steps
         )
         host = self._state.results()
         ended, outgoing = [], []
@@ -294,11 +307,11 @@ class Engine:
             for handle, chunk in outgoing:
                 handle._put(chunk)
 
-    def _window(self) -> int:
-        """Cache positions the next call attends to: a bucket above the furthest live row's
-        position after this call, so a short request in a long-context server reads little."""
+    def _window(self, steps: int) -> int:
+        """Cache positions a call of `steps` steps attends to: a bucket above the furthest live
+        row's position after it, so a short request in a long-context server reads little."""
         furthest = max(len(h.prompt_ids) + self._fed[row] for row, h in enumerate(self._slots) if h is not None)
-        return min(bucket(furthest + self.steps_per_call + 1), self.max_len)
+        return min(bucket(furthest + steps + 1), self.max_len)
 
     def _advance(self, row: int, handle: Handle, host: SimpleNamespace) -> Chunk | None:
         """The row's new tokens through its text stream, as a chunk for its consumer (None when
@@ -311,6 +324,8 @@ class Engine:
             if stream.stopped:
                 break
             token = int(host.tokens_BN[row, j])
+            if handle.constraint is not None:
+                handle.constraint.advance(token)
             stream.push(token)
             new_ids.append(token)
             if handle.params.logprobs:

@@ -4,7 +4,8 @@
 fills a cache; `decode_step` samples one token per row, records it, and runs the model on it;
 `decode_loop` repeats the step inside `jax.lax.while_loop` until every row is done or a step
 budget is spent, so a batch generates without a host round trip per token. The cache and state
-buffers are donated to each decode call.
+buffers are donated to each decode call. A batch with grammar-constrained rows (structured.py)
+runs one step per call instead: each step's token mask depends on the tokens before it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from codellama_jax import sharding
+from codellama_jax import sharding, structured
+from codellama_jax import tools as tool_calls
 from codellama_jax.kv_cache import KVCache
 from codellama_jax.loader import Model, bucket
 from codellama_jax.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingParams, sample
@@ -44,12 +46,13 @@ class TokenLogprob:
 class Completion:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length", or "tool_calls"
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None
     index: int = 0  # which of the n samples of its prompt
     prompt_index: int = 0
+    tool_calls: list[tool_calls.ToolCall] | None = None  # when tools were offered and called; `text` is then ""
 
 
 class DecodeState(NamedTuple):
@@ -144,13 +147,14 @@ def _prefill(graphdef, cache_len, top_k, max_new, mesh, params, tokens_BT, lengt
 
 
 def decode_step(
-    model, mesh: Mesh, state: DecodeState, sampling: SamplingArrays, stop_ids, window: int | None = None
+    model, mesh: Mesh, state: DecodeState, sampling: SamplingArrays, stop_ids, allowed_BW, window: int | None = None
 ) -> DecodeState:
-    """Samples a token for every running row, records it, and runs the model on it, attending to
-    the first `window` cache positions (all by default; running rows must stay below it)."""
+    """Samples a token for every running row among those `allowed_BW` allows (a grammar's
+    bitmask, all ones for free rows), records it, and runs the model on it, attending to the first
+    `window` cache positions (all by default; running rows must stay below it)."""
     B, N = state.tokens_BN.shape
     rows_B = jnp.arange(B)
-    token_B = sample(state.logits_BV, sampling, state.counts_BV, state.seen_BV, state.positions_B)
+    token_B = sample(state.logits_BV, sampling, state.counts_BV, state.seen_BV, state.positions_B, allowed_BW)
     logprobs_BV = jax.nn.log_softmax(state.logits_BV, axis=-1)
     running_B = state.finish_B == RUNNING
     is_stop_B = jnp.isin(token_B, stop_ids)
@@ -183,7 +187,7 @@ def decode_step(
     return lay_out(state, mesh)
 
 
-def _decode_loop(graphdef, mesh, window, params, state, sampling, stop_ids, max_steps):
+def _decode_loop(graphdef, mesh, window, params, state, sampling, stop_ids, allowed_BW, max_steps):
     model = nnx.merge(graphdef, params)
 
     def running(carry):
@@ -192,7 +196,7 @@ def _decode_loop(graphdef, mesh, window, params, state, sampling, stop_ids, max_
 
     def step(carry):
         state, step = carry
-        return decode_step(model, mesh, state, sampling, stop_ids, window), step + 1
+        return decode_step(model, mesh, state, sampling, stop_ids, allowed_BW, window), step + 1
 
     return lay_out(jax.lax.while_loop(running, step, (state, jnp.int32(0)))[0], mesh)
 
@@ -201,14 +205,18 @@ prefill = jax.jit(_prefill, static_argnums=(0, 1, 2, 3, 4))
 decode_loop = jax.jit(_decode_loop, static_argnums=(0, 1, 2), donate_argnums=(4,))
 
 
-def prompt_ids(model: Model, prompt: Prompt) -> list[int]:
+def prompt_ids(model: Model, prompt: Prompt, tools: tool_calls.Tools | None = None) -> list[int]:
     """Token ids of a prompt: text (BOS added as the tokenizer does), chat messages (the model's
-    chat template), or token ids as they are."""
+    chat template, with `tools` described and tool calls and results rendered as tools.py says),
+    or token ids as they are."""
+    is_chat = not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], Mapping)
+    if tools is not None and not is_chat:
+        raise ValueError("tools need chat messages as the prompt")
+    if is_chat:
+        return model.chat_template.encode(_tokenizer(model), tool_calls.render_messages(prompt, tools))
     if isinstance(prompt, str):
         tokenizer = _tokenizer(model)
         return tokenizer.encode(prompt, add_bos=tokenizer.add_bos)
-    if len(prompt) and isinstance(prompt[0], Mapping):
-        return model.chat_template.encode(_tokenizer(model), prompt)
     array = np.asarray(prompt)
     if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
         raise ValueError("a prompt must be text, a list of token ids (integers), or a list of chat messages")
@@ -217,6 +225,14 @@ def prompt_ids(model: Model, prompt: Prompt) -> list[int]:
     if bad:
         raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {model.config.vocab_size})")
     return ids
+
+
+def output_grammar(model: Model, response_format=None, tools: tool_calls.Tools | None = None):
+    """The grammar the output must follow (None: free text), compiled for the model."""
+    if tools is not None and structured.response_format_grammar(response_format) is not None:
+        raise ValueError("response_format cannot be combined with tools; give one or the other")
+    source = tools.grammar() if tools is not None else structured.response_format_grammar(response_format)
+    return None if source is None else structured.compile_grammar(model, source)
 
 
 def _tokenizer(model: Model):
@@ -247,7 +263,7 @@ class Batch:
 
     What `generate()` and `stream()` drive; the benchmark times its two phases separately."""
 
-    def __init__(self, model: Model, prompts: Sequence[list[int]], params: SamplingParams):
+    def __init__(self, model: Model, prompts: Sequence[list[int]], params: SamplingParams, grammar=None):
         if not prompts:
             raise ValueError("no prompts given")
         self.model = model
@@ -276,13 +292,19 @@ class Batch:
         sampling_rows = [(params, i) for _, _, i in self.rows] + padding
         self.sampling = sharding.put(SamplingArrays.build(sampling_rows, model.config.vocab_size), model.mesh)
         self.stop_ids = sharding.put(np.array(model.stop_token_ids or (-1,), np.int32), model.mesh)
+        self.constraints = None if grammar is None else [grammar.constraint() for _ in self.rows] + [None] * (B - len(self.rows))
+        self.all_allowed = sharding.put(np.full((B, structured.bitmask_words(model.config.vocab_size)), -1, np.int32), model.mesh)
         self._fed = [0] * len(self.rows)  # tokens of each row already pushed to its text stream
         self.stopped_at: dict[int, int] = {}  # row -> output length, for rows ended by a stop string
 
     def decode(self, max_steps: int) -> None:
-        model = self.model
+        """Up to `max_steps` steps (one when a grammar constrains the rows)."""
+        model, allowed = self.model, self.all_allowed
+        if self.constraints is not None:
+            max_steps = 1
+            allowed = sharding.put(structured.fill_bitmask(self.constraints, model.config.vocab_size), model.mesh)
         self.state = decode_loop(
-            model.graphdef, model.mesh, None, model.params, self.state, self.sampling, self.stop_ids, max_steps
+            model.graphdef, model.mesh, None, model.params, self.state, self.sampling, self.stop_ids, allowed, max_steps
         )
 
     def stop_rows(self, rows: Sequence[int]) -> None:
@@ -301,7 +323,10 @@ class Batch:
             if stream is None:  # no tokenizer: token ids only
                 continue
             while self._fed[r] < generated_B[r] and not stream.stopped:
-                stream.push(int(tokens_BN[r, self._fed[r]]))
+                token = int(tokens_BN[r, self._fed[r]])
+                if self.constraints is not None:
+                    self.constraints[r].advance(token)
+                stream.push(token)
                 self._fed[r] += 1
             if stream.stopped and r not in self.stopped_at:
                 self.stopped_at[r] = self._fed[r]  # the output ends with the token that completed the stop string
@@ -309,29 +334,49 @@ class Batch:
         return stopped
 
 
-def generate(model: Model, prompts: Sequence[Prompt], **sampling: Any) -> list[Completion]:
+def generate(
+    model: Model,
+    prompts: Sequence[Prompt],
+    *,
+    response_format: Mapping[str, Any] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: str | Mapping[str, Any] | None = None,
+    parallel_tool_calls: bool = True,
+    **sampling: Any,
+) -> list[Completion]:
     """Completions of a batch of prompts (text, token ids, or chat messages), `n` per prompt,
     in prompt order. Sampling settings are those of `SamplingParams` (the contract's fields).
 
+    `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"name",
+    "schema"}}) makes every output valid JSON of that kind; `tools` (OpenAI's function tools, with
+    `tool_choice` "auto", "required", "none" or {"type": "function", "function": {"name"}})
+    lets the model answer with calls, returned in `Completion.tool_calls` (tools.py's format).
+
     The decode loop runs on the device until every row is done; with stop strings it returns to
-    the host every few steps to look for them in the text.
+    the host every few steps to look for them in the text, and under a grammar after every step.
     """
     params = SamplingParams(**sampling)
     if isinstance(prompts, (str, Mapping)) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
         raise ValueError("prompts must be a list of prompts (each text, token ids, or chat messages)")
-    batch = Batch(model, [prompt_ids(model, p) for p in prompts], params)
+    offered = tool_calls.parse_tools(tools, tool_choice, parallel_tool_calls)
+    grammar = output_grammar(model, response_format, offered)
+    batch = Batch(model, [prompt_ids(model, p, offered) for p in prompts], params, grammar)
     if params.stop or params.logprobs:
         _tokenizer(model)
     streams = [TextStream(model.tokenizer, ids, params.stop) if model.tokenizer else None for _, ids, _ in batch.rows]
-    if not params.stop:
-        batch.decode(batch.state.tokens_BN.shape[1])
-    while params.stop and batch.running():
-        batch.decode(STOP_STRING_CHUNK)
+    steps = STOP_STRING_CHUNK if params.stop else batch.state.tokens_BN.shape[1]
+    while batch.running():
+        batch.decode(steps)
         stopped = batch.feed(streams)
         if stopped:
             batch.stop_rows(stopped)
     batch.feed(streams)
-    return _completions(model, batch, streams)
+    completions = _completions(model, batch, streams)
+    if offered is not None:
+        for c in completions:
+            c.text, calls = tool_calls.parse(c.text)
+            c.tool_calls, c.finish_reason = calls or None, tool_calls.finish_reason(c.finish_reason, calls)
+    return completions
 
 
 def _completions(model: Model, batch: Batch, streams: list[TextStream]) -> list[Completion]:
@@ -352,13 +397,14 @@ def _completions(model: Model, batch: Batch, streams: list[TextStream]) -> list[
     return out
 
 
-def stream(model: Model, prompt: Prompt, **sampling: Any) -> Iterator[str]:
-    """Text deltas of one completion as they are decoded (stop strings never shown in part)."""
+def stream(model: Model, prompt: Prompt, *, response_format: Mapping[str, Any] | None = None, **sampling: Any) -> Iterator[str]:
+    """Text deltas of one completion as they are decoded (stop strings never shown in part),
+    optionally constrained by `response_format` as in `generate()`."""
     params = SamplingParams(**sampling)
     if params.n != 1:
         raise ValueError("stream() produces one completion; use generate() for n > 1")
     ids = prompt_ids(model, prompt)
-    batch = Batch(model, [ids], params)
+    batch = Batch(model, [ids], params, output_grammar(model, response_format))
     text = TextStream(_tokenizer(model), ids, params.stop)
     while batch.running() and not text.stopped:
         batch.decode(1)
@@ -371,7 +417,8 @@ def stream(model: Model, prompt: Prompt, **sampling: Any) -> Iterator[str]:
 
 
 def chat(model: Model, messages: Sequence[Mapping[str, Any]], **sampling: Any) -> Completion:
-    """One completion of a conversation, with the model's chat template."""
+    """One completion of a conversation, with the model's chat template (`response_format`,
+    `tools` and `tool_choice` as in `generate()`)."""
     if sampling.get("n", 1) != 1:
         raise ValueError("chat() returns one completion; use generate([messages], n=...) for several")
     return generate(model, [messages], **sampling)[0]

@@ -190,8 +190,22 @@ def apply_min_p(logits_BV, min_p_B):
     return jax.lax.cond(jnp.any(min_p_B > 0), limit, lambda x: x, logits_BV)
 
 
-def process(logits_BV, s: SamplingArrays, counts_BV, seen_BV):
-    """All processors in order: bias, penalties, temperature, top-k, top-p, min-p."""
+def apply_token_bitmask(logits_BV, allowed_BW):
+    """-inf for the tokens a grammar forbids: bit `t % 32` of word `t // 32` allows token t
+    (llguidance's layout, see structured.py); rows of all ones (-1) are left as they are."""
+
+    def limit(logits_BV):
+        B, V = logits_BV.shape
+        bits_BW32 = (allowed_BW[:, :, None] >> jnp.arange(32, dtype=allowed_BW.dtype)) & 1
+        return jnp.where(bits_BW32.reshape(B, -1)[:, :V] == 1, logits_BV, -jnp.inf)
+
+    return jax.lax.cond(jnp.any(allowed_BW != -1), limit, lambda x: x, logits_BV)
+
+
+def process(logits_BV, s: SamplingArrays, counts_BV, seen_BV, allowed_BW=None):
+    """All processors in order: grammar mask, bias, penalties, temperature, top-k, top-p, min-p."""
+    if allowed_BW is not None:
+        logits_BV = apply_token_bitmask(logits_BV, allowed_BW)
     logits_BV = logits_BV + s.logit_bias
     logits_BV = apply_repetition_penalty(logits_BV, seen_BV, s.repetition_penalty)
     logits_BV = apply_presence_frequency(logits_BV, counts_BV, s.presence_penalty, s.frequency_penalty)
@@ -201,10 +215,11 @@ def process(logits_BV, s: SamplingArrays, counts_BV, seen_BV):
     return apply_min_p(logits_BV, s.min_p)
 
 
-def sample(logits_BV, s: SamplingArrays, counts_BV, seen_BV, positions_B):
+def sample(logits_BV, s: SamplingArrays, counts_BV, seen_BV, positions_B, allowed_BW=None):
     """Next token per row: argmax where temperature is 0, else a draw from the processed
-    distribution with the row's key folded with the position (same seed, same tokens)."""
-    processed_BV = process(logits_BV, s, counts_BV, seen_BV)
+    distribution with the row's key folded with the position (same seed, same tokens); only
+    tokens `allowed_BW` allows (see `apply_token_bitmask`), when given."""
+    processed_BV = process(logits_BV, s, counts_BV, seen_BV, allowed_BW)
 
     def draw(key, position, row_logits):
         return jax.random.categorical(jax.random.fold_in(jax.random.wrap_key_data(key), position), row_logits)

@@ -88,6 +88,8 @@ class SentencePieceTokenizer(Tokenizer):
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         spec = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
         self._dummy_prefix = spec.normalizer_spec.add_dummy_prefix
+        spec.normalizer_spec.add_dummy_prefix = False
+        self._sp_continuation = spm.SentencePieceProcessor(model_proto=spec.SerializeToString())
         self._user_defined = {i for i, p in enumerate(spec.pieces) if p.type == p.USER_DEFINED}
         n = self.sp.get_piece_size()
         self.added_tokens = dict(added_tokens or {})  # text -> (id, special)
@@ -113,11 +115,29 @@ class SentencePieceTokenizer(Tokenizer):
                 added.setdefault(text, (int(token_id), True))
         return cls((path / "tokenizer.model").read_bytes(), added, bool(config.get("add_bos_token", True)))
 
-    def _encode_plain(self, text: str) -> list[int]:
+    def _encode_plain(self, text: str, processor: spm.SentencePieceProcessor | None = None) -> list[int]:
         ids: list[int] = []
-        for i in self.sp.encode(text):
+        for i in (processor or self.sp).encode(text):
             ids += self._spelled(self.sp.id_to_piece(i)) if i in self._spell_out else [i]
         return ids
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of plain text that continues earlier text: no dummy-prefix space in front."""
+        return self._encode_plain(text, self._sp_continuation)
+
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for inside text (`▁` as a space, byte pieces as their byte,
+        control and added tokens as their text, nothing for `<unk>`), indexed by id."""
+        n = self.sp.get_piece_size()
+        out = [b""] * self.vocab_size
+        for i in range(n):
+            if self.sp.is_unknown(i):
+                continue  # stands for no text in particular
+            piece = self.sp.id_to_piece(i)
+            out[i] = bytes([int(piece[3:5], 16)]) if self.sp.is_byte(i) else piece.replace("\u2581", " ").encode()
+        for text, (i, _) in self.added_tokens.items():
+            out[i] = text.encode()
+        return out
 
     def _spelled(self, piece: str) -> list[int]:
         """A user-defined piece as ordinary pieces, character by character (bytes as fallback)."""

@@ -22,6 +22,7 @@ from quart import Quart, Response, request
 from quart_schema import QuartSchema, RequestSchemaValidationError, validate_request
 from werkzeug.exceptions import HTTPException
 
+from codellama_jax import generation, tools
 from codellama_jax.engine import Chunk, Engine, EngineStopped, Handle, QueueFull
 from codellama_jax.loader import Model
 
@@ -115,12 +116,12 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             raise ProtocolError(f"the model {name!r} does not exist; this server serves {config.served_model_name!r}",
                                 param="model", status=404, code="model_not_found")  # fmt: skip
 
-    def submit(prompt_ids: list[int], body) -> list[Handle]:
+    def submit(prompt_ids: list[int], body, grammar) -> list[Handle]:
         if body.n > engine.max_batch:
             raise ProtocolError(f"n={body.n} exceeds the server's {engine.max_batch} decode slots", param="n")
         params = body.sampling()
         try:
-            return engine.submit(prompt_ids, params)
+            return engine.submit(prompt_ids, params, grammar)
         except QueueFull as e:
             raise ProtocolError(str(e), status=429, type="rate_limit_error", code="rate_limit_exceeded") from None
         except EngineStopped as e:
@@ -131,12 +132,12 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             raise ProtocolError(str(e), param="messages" if hasattr(body, "messages") else "prompt",
                                 code="context_length_exceeded") from None  # fmt: skip
 
-    async def respond(body, prompt_ids: list[int], kind: str) -> Response:
+    async def respond(body, prompt_ids: list[int], kind: str, grammar=None, offered: tools.Tools | None = None) -> Response:
         """Runs a request through the engine and answers it whole or as a stream."""
         start = time.perf_counter()
-        handles = submit(prompt_ids, body)
+        handles = submit(prompt_ids, body, grammar)
         if body.stream:
-            return stream_response(body, prompt_ids, handles, kind, start)
+            return stream_response(body, prompt_ids, handles, kind, start, offered)
         try:
             results = await asyncio.gather(*(collect(h, start) for h in handles))
         finally:
@@ -146,8 +147,8 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
         record(body, len(prompt_ids), completion_tokens, start, kind)
         if kind == "chat":
             choices = [
-                {"index": i, "message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
-                 "logprobs": protocol.chat_logprobs(_logprobs(chunks)), "finish_reason": chunks[-1].finish_reason}
+                {"index": i, **_chat_message("".join(c.text for c in chunks), chunks[-1].finish_reason, offered),
+                 "logprobs": protocol.chat_logprobs(_logprobs(chunks))}
                 for i, chunks in enumerate(results)
             ]  # fmt: skip
         else:
@@ -171,7 +172,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             chunks.append(chunk)
         return chunks
 
-    def stream_response(body, prompt_ids, handles: list[Handle], kind: str, start: float) -> Response:
+    def stream_response(body, prompt_ids, handles: list[Handle], kind: str, start: float, offered) -> Response:
         ident, created = protocol.new_id("chatcmpl" if kind == "chat" else "cmpl"), protocol.now()
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -182,9 +183,14 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
 
         text_offsets = [0] * len(handles)  # where each choice's next text starts, for completions' logprobs
 
-        def choice(index: int, text: str = "", logprobs=None, reason: str | None = None, first: bool = False) -> dict:
+        parsers = [tools.ToolCallParser() if offered is not None else None for _ in handles]
+
+        def choice(index: int, text: str = "", logprobs=None, reason: str | None = None, first: bool = False,
+                   calls: list[tools.CallDelta] = ()) -> dict:  # fmt: skip
             if kind == "chat":
                 delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+                if calls:
+                    delta["tool_calls"] = protocol.tool_call_deltas(calls)
                 return {"index": index, "delta": delta, "logprobs": protocol.chat_logprobs(logprobs), "finish_reason": reason}
             text_logprobs = protocol.text_logprobs(logprobs, text_offsets[index])
             text_offsets[index] += len(text)
@@ -206,10 +212,16 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
                         yield f"data: {json.dumps(protocol.error_body(str(chunk), type='server_error'))}\n\n"
                         break
                     completion_tokens[index] = chunk.completion_tokens
-                    if chunk.text or chunk.logprobs:
-                        yield event([choice(index, chunk.text, chunk.logprobs)])
-                    if chunk.finish_reason:  # its own last event, with an empty delta
-                        yield event([choice(index, reason=chunk.finish_reason)])
+                    text, calls, reason, parser = chunk.text, [], chunk.finish_reason, parsers[index]
+                    if parser is not None:  # a tools answer: content and call deltas
+                        text, calls = parser.push(text)
+                        if reason:
+                            text += parser.finish()
+                            reason = tools.finish_reason(reason, parser.calls)
+                    if text or calls or chunk.logprobs:
+                        yield event([choice(index, text, chunk.logprobs, calls=calls)])
+                    if reason:  # its own last event, with an empty delta
+                        yield event([choice(index, reason=reason)])
                 if body.include_usage:
                     yield event([], usage=protocol.usage(len(prompt_ids), sum(completion_tokens), config.prices))
                 yield "data: [DONE]\n\n"
@@ -239,13 +251,18 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
     async def chat_completions(data: ChatCompletionRequest):
         check_model(data.model)
         data.check()
+        offered = data.offered_tools()
         messages = [m.model_dump(exclude_none=True) for m in data.messages]
         messages.sort(key=lambda m: m["role"] != "system")  # the one system message, wherever sent, first
-        try:  # templates and tokenizers are CPU work: off the event loop, so streams keep flowing
-            prompt_ids = await asyncio.to_thread(model.chat_template.encode, model.tokenizer, messages)
-        except ValueError as e:  # the model's own template refused the conversation
-            raise ProtocolError(f"the chat template refused these messages: {e}", param="messages") from None
-        return await respond(data, prompt_ids, "chat")
+        try:  # templates, tokenizers and grammars are CPU work: off the event loop, so streams keep flowing
+            prompt_ids = await asyncio.to_thread(generation.prompt_ids, model, messages, offered)
+        except ValueError as e:  # the tool history or the model's own template refused the conversation
+            raise ProtocolError(f"these messages cannot be rendered: {e}", param="messages") from None
+        try:
+            grammar = await asyncio.to_thread(generation.output_grammar, model, data.response_format, offered)
+        except ValueError as e:
+            raise ProtocolError(str(e), param="response_format" if data.response_format is not None else "tools") from None
+        return await respond(data, prompt_ids, "chat", grammar, offered)
 
     @app.post("/v1/completions")
     @app.post("/v1/openai/completions")
@@ -272,6 +289,15 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
         return Response(generate_latest(metrics.registry), content_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _chat_message(text: str, reason: str, offered: tools.Tools | None) -> dict:
+    """A whole answer's `message` and `finish_reason`: with tools, its calls taken out of the text."""
+    content, calls = tools.parse(text) if offered is not None else (text, [])
+    if not calls:
+        return {"message": {"role": "assistant", "content": content}, "finish_reason": reason}
+    message = {"role": "assistant", "content": content or None, "tool_calls": protocol.tool_calls(calls)}
+    return {"message": message, "finish_reason": tools.finish_reason(reason, calls)}
 
 
 def _logprobs(chunks: list[Chunk]) -> list | None:

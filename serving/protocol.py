@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from codellama_jax.generation import TokenLogprob
 from codellama_jax.sampling import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
+from codellama_jax.tools import CallDelta, ToolCall, Tools, parse_tools
 
 MAX_STOP = 16
 
@@ -22,10 +23,22 @@ class Strict(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(Strict):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: str | None = None  # only an assistant message with tool_calls may leave it out
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
 
 
@@ -95,29 +108,40 @@ class ChatCompletionRequest(Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
 
     def check(self) -> None:
-        """What the schema cannot say: message order, and the features not served yet."""
+        """What the schema cannot say: message order and content."""
         self.check_stream_options()
-        roles = [m.role for m in self.messages if m.role != "system"]
         if sum(m.role == "system" for m in self.messages) > 1:
             raise ProtocolError("at most one system message is allowed", param="messages")
-        if not roles or roles[-1] != "user":
-            raise ProtocolError("the last message (after any system message) must be from the user", param="messages")
+        for i, m in enumerate(self.messages):
+            if m.content is None and not (m.role == "assistant" and m.tool_calls):
+                raise ProtocolError(f"messages[{i}].content is required for a {m.role} message", param=f"messages.{i}.content")
+            if (m.tool_calls and m.role != "assistant") or (m.tool_call_id is not None and m.role != "tool"):
+                raise ProtocolError(f"messages[{i}]: only assistant messages carry tool_calls, only tool messages a "
+                                    "tool_call_id", param=f"messages.{i}")  # fmt: skip
+        turns = [m for m in self.messages if m.role != "system"]
+        roles = [m.role for m in turns]
+        if not roles or roles[-1] not in ("user", "tool"):
+            raise ProtocolError("the last message (after any system message) must be from the user or a tool", param="messages")
         if roles[0] != "user":
             raise ProtocolError("the conversation must start with a user message", param="messages")
-        for previous, role in zip(roles, roles[1:]):
-            if role == previous == "user" or role == previous == "assistant":
-                raise ProtocolError(f"two {role} messages in a row", param="messages")
+        for previous, message in zip(turns, turns[1:]):
+            if message.role == previous.role and message.role in ("user", "assistant"):
+                raise ProtocolError(f"two {message.role} messages in a row", param="messages")
+            if message.role == "tool" and not (previous.role == "tool" or previous.tool_calls):
+                raise ProtocolError("a tool message must follow an assistant message with tool_calls", param="messages")
         if self.top_logprobs and not self.logprobs:
             raise ProtocolError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        if self.tools or (self.tool_choice not in (None, "none")):
-            raise ProtocolError("tools and tool_choice are not supported by this server yet", param="tools")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise ProtocolError("response_format other than {'type': 'text'} is not supported yet", param="response_format")
-        if any(m.role == "tool" for m in self.messages):
-            raise ProtocolError("tool messages are not supported by this server yet", param="messages")
+
+    def offered_tools(self) -> Tools | None:
+        """The tools the model may call (None: none, or tool_choice "none")."""
+        try:
+            return parse_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except ValueError as e:
+            raise ProtocolError(str(e), param="tool_choice" if str(e).startswith("tool_choice") else "tools") from None
 
     def sampling(self) -> SamplingParams:
         return self.sampling_params(logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0)
@@ -183,6 +207,20 @@ def chat_logprobs(logprobs: list[TokenLogprob] | None) -> dict | None:
             for lp in logprobs
         ]
     }
+
+
+def tool_calls(calls: list[ToolCall]) -> list[dict]:
+    """A message's `tool_calls`."""
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+
+
+def tool_call_deltas(deltas: list[CallDelta]) -> list[dict]:
+    """A stream delta's `tool_calls`: the first part of a call has its id and name."""
+    return [
+        {"index": d.index, **({"id": d.id, "type": "function"} if d.id else {}),
+         "function": {**({"name": d.name} if d.name else {}), "arguments": d.arguments}}
+        for d in deltas
+    ]  # fmt: skip
 
 
 def text_logprobs(logprobs: list[TokenLogprob] | None, offset: int = 0) -> dict | None:

@@ -33,6 +33,10 @@ NAME = "codellama/tiny-test"
 KEY = "sk-test-key"
 PRICES = (2.0, 6.0)
 HELLO = [{"role": "user", "content": "Hello!"}]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                          "unit": {"enum": ["celsius", "fahrenheit"]}},
+                          "required": ["city", "unit"], "additionalProperties": False}}}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -242,12 +246,21 @@ def test_the_contract_examples_as_raw_http(server):
         ('{"model": "%s", "messages": %s, "top_p": NaN}' % (NAME, json.dumps(HELLO)), 400, "top_p"),
         (json.dumps({"model": NAME, "messages": [{"role": "assistant", "content": "hi"}]}), 400, "messages"),
         (json.dumps({"model": NAME, "messages": HELLO, "tools": [{"type": "function"}]}), 400, "tools"),
-        (json.dumps({"model": NAME, "messages": HELLO, "response_format": {"type": "json_object"}}), 400, "response_format"),
+        (json.dumps({"model": NAME, "messages": HELLO, "tools": [WEATHER], "tool_choice": {"type": "function",
+                     "function": {"name": "nope"}}}), 400, "tool_choice"),  # fmt: skip
+        (json.dumps({"model": NAME, "messages": HELLO, "tool_choice": "required"}), 400, "tool_choice"),
+        (json.dumps({"model": NAME, "messages": HELLO, "response_format": {"type": "yaml"}}), 400, "response_format"),
+        (json.dumps({"model": NAME, "messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {
+                     "name": "x", "schema": {"type": "array", "uniqueItems": True}}}}), 400, "response_format"),  # fmt: skip
+        (json.dumps({"model": NAME, "messages": HELLO + [{"role": "tool", "content": "1", "tool_call_id": "c"}]}),
+         400, "messages"),
+        (json.dumps({"model": NAME, "messages": [{"role": "user"}]}), 400, "messages.0.content"),
         (json.dumps({"model": NAME, "messages": [{"role": "user", "content": "x" * 2**20}]}), 413, None),
     ],
     ids=["malformed", "array", "no-messages", "empty-messages", "wrong-type", "top_k-range", "n-range",
          "stream_options-without-stream", "17-stops", "bias-range", "bias-vocab", "bias-key",
-         "unknown-field", "nan", "order", "tools", "response_format", "too-large"],  # fmt: skip
+         "unknown-field", "nan", "order", "tools", "tool_choice-unknown", "tool_choice-without-tools",
+         "response_format-type", "schema-unsupported", "tool-without-call", "no-content", "too-large"],  # fmt: skip
 )
 def test_bad_input_is_a_clear_openai_error(server, body, status, param):
     response = _post(server[0], body)

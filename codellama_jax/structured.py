@@ -1,0 +1,167 @@
+"""Constrained decoding: output that follows a JSON schema or a grammar by construction (llguidance).
+
+A grammar is compiled once per request (`compile_grammar`); each constrained row of a batch gets a
+`Constraint`, an llguidance matcher built on the model's own vocabulary. Before a decode step,
+`fill_bitmask` writes every row's allowed tokens into a `[B, ceil(V/32)]` int32 bitmask (free rows:
+all ones); the jitted sampling step masks the logits with it (`sampling.apply_token_bitmask`), so
+constrained and free rows share a batch. After the step each constraint consumes its row's token.
+The model's stop tokens are the grammar's end: they are allowed only where the grammar is complete.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Mapping, Sequence
+
+import llguidance
+import llguidance.numpy
+import numpy as np
+
+from codellama_jax.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
+
+# JSON as json.dumps writes it: ", " and ": " between items, no other whitespace (a model cannot
+# then stall in endless whitespace); schema keywords that are not enforced are errors, not ignored.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
+SPECIAL = b"\xff"  # llguidance's mark on the bytes of a special (control) token
+
+_vocabularies: weakref.WeakKeyDictionary[Tokenizer, dict[tuple, llguidance.LLTokenizer]] = weakref.WeakKeyDictionary()
+_vocabularies_lock = threading.Lock()
+_executor = llguidance.LLExecutor()
+
+
+def json_schema_grammar(schema: Mapping[str, Any]) -> str:
+    """The grammar of JSON that validates against `schema`."""
+    if not isinstance(schema, Mapping):
+        raise ValueError("a JSON schema must be an object")
+    return llguidance.LLMatcher.grammar_from_json_schema(dict(schema), overrides=JSON_OPTIONS)
+
+
+def lark_grammar(source: str) -> str:
+    """A grammar in llguidance's Lark syntax (which may inline schemas with `%json {...}`)."""
+    return llguidance.LLMatcher.grammar_from_lark(source)
+
+
+def response_format_grammar(response_format: Mapping[str, Any] | None) -> str | None:
+    """The grammar OpenAI's `response_format` asks for: None for text, any JSON object for
+    `json_object`, and JSON valid against the schema for `json_schema`."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, Mapping):
+        raise ValueError("response_format must be an object with a 'type'")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_schema_grammar({"type": "object"})
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+            raise ValueError("response_format.json_schema must be an object with a 'name' and a 'schema'")
+        try:
+            source = json_schema_grammar(spec.get("schema", {}))
+            check_grammar(source)
+        except ValueError as e:
+            raise ValueError(f"response_format.json_schema.schema: {e}") from None
+        return source
+    raise ValueError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+
+
+def vocabulary(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int]) -> llguidance.LLTokenizer:
+    """The tokenizer as llguidance sees it (built once per tokenizer, ~1 s for 32k tokens)."""
+    key = (vocab_size, tuple(stop_ids))
+    with _vocabularies_lock:
+        built = _vocabularies.setdefault(tokenizer, {})
+        if key not in built:
+            built[key] = _build_vocabulary(tokenizer, vocab_size, list(stop_ids))
+        return built[key]
+
+
+def _build_vocabulary(tokenizer: Tokenizer, vocab_size: int, stop_ids: list[int]) -> llguidance.LLTokenizer:
+    if isinstance(tokenizer, HFTokenizer):
+        return llguidance.LLTokenizer(tokenizer.tok.to_str(), n_vocab=vocab_size, eos_token=stop_ids)
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_SentencePieceVocabulary(tokenizer, vocab_size)),
+                                      n_vocab=vocab_size, eos_token=stop_ids)  # fmt: skip
+    raise TypeError(f"constrained decoding does not know tokenizers of type {type(tokenizer).__name__}")
+
+
+class _SentencePieceVocabulary:
+    """What `llguidance.TokenizerWrapper` reads: each id's bytes, and a tokenize function for text
+    that continues a sequence (no dummy-prefix space)."""
+
+    def __init__(self, tokenizer: SentencePieceTokenizer, vocab_size: int):
+        self.eos_token_id = tokenizer.eos_id
+        self.bos_token_id = tokenizer.bos_id
+        self.special_token_ids = sorted(tokenizer.special_ids)
+        tokens = tokenizer.token_bytes()[:vocab_size]
+        for i in tokenizer.special_ids:
+            if i < vocab_size:
+                tokens[i] = SPECIAL + tokens[i]
+        self.tokens = tokens + [b""] * (vocab_size - len(tokens))
+        self._tokenizer = tokenizer
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        return self._tokenizer.encode_continuation(text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
+
+
+def check_grammar(source: str, vocab: llguidance.LLTokenizer | None = None) -> None:
+    """A ValueError with llguidance's message when the grammar (or a schema in it) uses what
+    cannot be enforced: an unknown keyword or format, a dangling `$ref`, a bad regex."""
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, vocab)
+    if is_error:
+        raise ValueError(messages[0])
+
+
+class Grammar:
+    """A grammar checked against a model's vocabulary; `constraint()` starts one row's matcher."""
+
+    def __init__(self, source: str, vocab: llguidance.LLTokenizer):
+        check_grammar(source, vocab)
+        self.source, self.vocab = source, vocab
+
+    def constraint(self) -> Constraint:
+        return Constraint(llguidance.LLMatcher(self.vocab, self.source, log_level=0))
+
+
+def compile_grammar(model, source: str) -> Grammar:
+    """`source` (from `json_schema_grammar`, `lark_grammar`, ...) for `model`'s vocabulary; a
+    schema feature or grammar construct llguidance cannot enforce is a ValueError naming it."""
+    if model.tokenizer is None:
+        raise ValueError("constrained decoding needs the model's tokenizer; this checkpoint has none")
+    return Grammar(source, vocabulary(model.tokenizer, model.config.vocab_size, model.stop_token_ids))
+
+
+class Constraint:
+    """One row's place in its grammar."""
+
+    def __init__(self, matcher: llguidance.LLMatcher):
+        self.matcher = matcher
+
+    def advance(self, token_id: int) -> None:
+        """Consumes the row's sampled token (always one the mask allowed)."""
+        if not self.matcher.consume_token(int(token_id)):
+            raise RuntimeError(f"constrained decoding: token {token_id} refused: {self.matcher.get_error()}")
+
+    @property
+    def complete(self) -> bool:
+        """The output so far is a whole sentence of the grammar."""
+        return self.matcher.is_accepting()
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def fill_bitmask(constraints: Sequence[Constraint | None], vocab_size: int) -> np.ndarray:
+    """The next step's allowed tokens, `[len(constraints), ceil(V/32)]` int32, bit `t % 32` of
+    word `t // 32` for token t; rows without a constraint allow everything."""
+    bitmask_BW = np.full((len(constraints), bitmask_words(vocab_size)), -1, np.int32)
+    rows = [(c.matcher, b) for b, c in enumerate(constraints) if c is not None]
+    if rows:
+        llguidance.numpy.fill_next_token_bitmask_par(_executor, rows, bitmask_BW)
+        for matcher, _ in rows:
+            if matcher.is_error():
+                raise RuntimeError(f"constrained decoding failed: {matcher.get_error()}")
+    return bitmask_BW
+
