@@ -5,10 +5,12 @@ cancelling frees a slot; a full queue is refused at once."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 from codellama_jax import generate, load
+from codellama_jax.generation import output_grammar
 from codellama_jax.engine import Engine, EngineStopped, QueueFull
 from codellama_jax.sampling import SamplingParams
 
@@ -36,9 +38,10 @@ async def _collect(handle):
     return chunks, "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids]
 
 
-def _run_all(engine, requests):
+def _run_all(engine, requests, grammars=None):
     async def main():
-        handles = [h for prompt, params in requests for h in engine.submit(prompt, params)]
+        grammar_of = grammars or [None] * len(requests)
+        handles = [h for (prompt, params), g in zip(requests, grammar_of) for h in engine.submit(prompt, params, g)]
         return await asyncio.gather(*(_collect(h) for h in handles))
 
     return asyncio.run(main())
@@ -163,3 +166,20 @@ def test_a_stopped_engine_refuses_and_ends_what_waited(model):
             engine.submit(PROMPTS[0], SamplingParams(max_tokens=4))
 
     asyncio.run(main())
+
+
+def test_constrained_and_free_requests_share_the_batch(engine, model):
+    """Schema-constrained requests decode beside free ones: each equals `generate()` alone."""
+    response_format = {"type": "json_schema", "json_schema": {"name": "point", "schema": {
+        "type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["x"], "additionalProperties": False}}}  # fmt: skip
+    grammar = output_grammar(model, response_format)
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    grammars = [grammar if i % 2 else None for i in range(len(PROMPTS))]
+    results = _run_all(engine, [(p, params) for p in PROMPTS], grammars)
+    for prompt, g, (_, text, ids) in zip(PROMPTS, grammars, results):
+        alone = generate(model, [prompt], temperature=0.0, max_tokens=20,
+                         response_format=response_format if g else None)[0]  # fmt: skip
+        assert (text, ids) == (alone.text, alone.token_ids)
+        if g:
+            assert set(json.loads(text)) == {"x"}

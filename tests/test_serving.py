@@ -15,6 +15,7 @@ import threading
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from hypercorn.asyncio import serve
@@ -225,6 +226,77 @@ def test_the_contract_examples_as_raw_http(server):
     assert all(p["object"] == "chat.completion.chunk" and p["model"] == NAME for p in payloads)
     assert payloads[0]["choices"][0]["delta"]["role"] == "assistant"
     assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+POINT = {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 99},
+                                         "label": {"enum": ["a", "b"]}},
+         "required": ["x", "label"], "additionalProperties": False}  # fmt: skip
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_response_format_through_the_openai_client(client, model):
+    response_format = {"type": "json_schema", "json_schema": {"name": "point", "schema": POINT, "strict": True}}
+    reply = client.chat.completions.create(model=NAME, messages=HELLO, max_tokens=100, seed=1, n=2,
+                                           response_format=response_format)  # fmt: skip
+    expected = generate(model, [HELLO], max_tokens=100, seed=1, n=2, response_format=response_format)
+    assert [c.message.content for c in reply.choices] == [c.text for c in expected]
+    for choice in reply.choices:
+        jsonschema.validate(json.loads(choice.message.content), POINT)
+    whole = client.chat.completions.create(model=NAME, messages=HELLO, max_tokens=100, temperature=0.0,
+                                           response_format={"type": "json_object"})  # fmt: skip
+    assert whole.choices[0].finish_reason == "stop" and isinstance(json.loads(whole.choices[0].message.content), dict)
+
+
+def _accumulate(chunks) -> list[tuple[str, str, str]]:
+    """(id, name, arguments) per call from streamed tool-call deltas, as clients assemble them."""
+    calls: dict[int, list[str]] = {}
+    for chunk in chunks:
+        for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            call = calls.setdefault(delta.index, ["", "", ""])
+            call[0] += delta.id or ""
+            call[1] += delta.function.name or ""
+            call[2] += delta.function.arguments or ""
+    return [tuple(calls[i]) for i in sorted(calls)]
+
+
+def test_tool_calls_whole_and_streamed(client, model):
+    kwargs = dict(model=NAME, messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0.0)
+    whole = client.chat.completions.create(**kwargs, max_tokens=200, parallel_tool_calls=False)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    expected = chat(model, ASK, tools=[WEATHER], tool_choice="required", temperature=0.0, max_tokens=200,
+                    parallel_tool_calls=False)  # fmt: skip
+    assert call.function.arguments == expected.tool_calls[0].arguments
+    assert whole.usage.completion_tokens == expected.completion_tokens
+
+    chunks = list(client.chat.completions.create(**kwargs, max_tokens=200, parallel_tool_calls=False, stream=True))
+    ((call_id, name, arguments),) = _accumulate(chunks)
+    assert call_id.startswith("call_") and (name, arguments) == (call.function.name, call.function.arguments)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks)
+
+    parallel = client.chat.completions.create(**kwargs, max_tokens=60)  # several calls, the last cut off
+    streamed = _accumulate(client.chat.completions.create(**kwargs, max_tokens=60, stream=True))
+    calls = parallel.choices[0].message.tool_calls
+    assert parallel.choices[0].finish_reason == "length" and calls
+    assert [(c.function.name, c.function.arguments) for c in calls] == [(n, a) for _, n, a in streamed]
+
+
+def test_a_tool_result_sent_back_through_the_openai_client(client, model):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    first = client.chat.completions.create(model=NAME, messages=ASK, tools=[WEATHER], tool_choice=named,
+                                           temperature=0.0, max_tokens=200)  # fmt: skip
+    message = first.choices[0].message
+    assert [c.function.name for c in message.tool_calls][:1] == ["get_weather"]
+    history = [*ASK, message, {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "21 C, sunny"}]
+    second = client.chat.completions.create(model=NAME, messages=history, tools=[WEATHER], tool_choice="none",
+                                            temperature=0.0, max_tokens=12)  # fmt: skip
+    library_history = [*ASK, message.model_dump(exclude_none=True), history[-1]]
+    expected = chat(model, library_history, tools=[WEATHER], tool_choice="none", temperature=0.0, max_tokens=12)
+    assert second.choices[0].message.content == expected.text and second.choices[0].message.tool_calls is None
 
 
 @pytest.mark.parametrize(

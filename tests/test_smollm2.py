@@ -1,8 +1,11 @@
-"""The real SmolLM2-135M-Instruct GGUF: logits match transformers loading the same file, and greedy
-decoding of the ChatML prompt answers "Paris"."""
+"""The real SmolLM2-135M-Instruct GGUF: logits match transformers loading the same file, greedy
+decoding of the ChatML prompt answers "Paris", and structured answers are valid and sensible."""
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -65,3 +68,35 @@ def test_greedy_64_tokens_match_transformers_generate(smollm2, reference):
     batch = generate(smollm2, prompts, temperature=0.0, max_tokens=64)
     assert [c.token_ids for c in batch] == expected
     assert max(len(e) for e in expected) == 64
+
+
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 40}, "country": {"type": "string", "maxLength": 40},
+                   "population_millions": {"type": "number", "minimum": 0, "maximum": 100},
+                   "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 3}},
+    "required": ["city", "country", "population_millions", "landmarks"],
+    "additionalProperties": False,
+}  # fmt: skip
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}  # fmt: skip
+
+
+def test_structured_answers_of_a_real_model(smollm2):
+    """JSON mode, a schema and a tool call from the demo model: valid by construction, and sensible."""
+    facts = [{"role": "user", "content": "Give facts about Paris as JSON."}]
+    schema_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}
+    answer = chat(smollm2, facts, temperature=0.0, max_tokens=120, response_format=schema_format)
+    assert answer.finish_reason == "stop"
+    value = json.loads(answer.text)
+    jsonschema.validate(value, CITY)
+    assert value["city"] == "Paris"
+    objects = generate(smollm2, [facts, QUESTION], n=2, seed=0, max_tokens=120, response_format={"type": "json_object"})
+    assert all(c.finish_reason == "stop" and isinstance(json.loads(c.text), dict) for c in objects)
+    weather = chat(smollm2, [{"role": "user", "content": "What is the weather in Paris?"}], temperature=0.0,
+                   max_tokens=60, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)  # fmt: skip
+    (call,) = weather.tool_calls
+    assert weather.finish_reason == "tool_calls" and call.name == "get_weather"
+    assert json.loads(call.arguments)["city"] == "Paris"
