@@ -80,7 +80,7 @@ def ours(model, prompts: np.ndarray, new_tokens: int) -> dict:
     generated = int(np.asarray(batch.state.generated_B).sum())
     assert generated == len(rows) * new_tokens, "a row stopped early"
     m = model
-    args = (m.graphdef, m.mesh, None, m.params, batch.state, batch.sampling, batch.stop_ids, 1)
+    args = (m.graphdef, m.mesh, None, m.params, batch.state, batch.sampling, batch.stop_ids, batch.all_allowed, 1)
     compiled = decode_loop.lower(*args).compile()
     return {
         "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,

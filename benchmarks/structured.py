@@ -1,0 +1,122 @@
+"""The cost of constrained decoding: decode tokens/s of the same batch free, free but one step per
+call (the host round trip every grammar-constrained step needs), and under a JSON schema; then the
+same requests through the serving engine (continuous batching, as many slots as requests), free and
+under the schema (these include prefill and the engine's text streaming).
+
+    python benchmarks/structured.py                          # SmolLM2-135M demo, batches 1 and 8
+    python benchmarks/structured.py --model /ckpt/codellama-7b --dtype bfloat16 --batches 1 8 32
+
+The schema (an array of 100 records with a string, a bounded integer and an enum) cannot end within
+`--new-tokens`, and stop tokens are suppressed in the free runs, so every row decodes exactly that
+many tokens. "mask ms" is llguidance's time to compute one step's bitmask for the whole batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from codellama_jax import load, structured
+from codellama_jax.demo_model import fetch_smollm2
+from codellama_jax.engine import Engine
+from codellama_jax.generation import Batch, output_grammar
+from codellama_jax.sampling import SamplingParams
+from codellama_jax.tokenizer import TextStream
+
+REPO = Path(__file__).resolve().parents[1]
+RECORDS = {
+    "type": "array", "minItems": 100, "maxItems": 100,
+    "items": {"type": "object", "additionalProperties": False, "required": ["name", "score", "kind"],
+              "properties": {"name": {"type": "string", "maxLength": 24},
+                             "score": {"type": "integer", "minimum": 0, "maximum": 1000},
+                             "kind": {"enum": ["function", "class", "module"]}}},
+}  # fmt: skip
+PROMPT = [{"role": "user", "content": "List the functions of Python's os module with a score and a kind, as JSON."}]
+
+
+def decode_rate(model, batch_size: int, new_tokens: int, grammar, steps_per_call: int) -> tuple[float, Batch]:
+    """Decode tokens/s of one batch (prefill excluded), text streams fed after every call."""
+    suppress = {int(t): -100.0 for t in model.stop_token_ids} if grammar is None else None
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, logit_bias=suppress)
+    ids = model.chat_template.encode(model.tokenizer, PROMPT)
+    batch = Batch(model, [ids] * batch_size, params, grammar)
+    streams = [TextStream(model.tokenizer, ids) for _ in range(batch_size)]
+    jax.block_until_ready(batch.state)
+    start = time.perf_counter()
+    while batch.running():
+        batch.decode(steps_per_call)
+        batch.feed(streams)
+    seconds = time.perf_counter() - start
+    generated = int(np.asarray(batch.state.generated_B).sum())
+    assert generated == batch_size * new_tokens, "a row stopped early"
+    return generated / seconds, batch
+
+
+def mask_ms(model, batch: Batch, grammar) -> float:
+    """Mean time of one step's bitmask for the batch, replaying the tokens the batch generated."""
+    tokens_BN = np.asarray(batch.state.tokens_BN)
+    constraints = [grammar.constraint() for _ in batch.rows]
+    times = []
+    for j in range(int(np.asarray(batch.state.generated_B).min())):
+        start = time.perf_counter()
+        structured.fill_bitmask(constraints, model.config.vocab_size)
+        times.append(time.perf_counter() - start)
+        for row, c in enumerate(constraints):
+            c.advance(int(tokens_BN[row, j]))
+    return 1e3 * float(np.mean(times))
+
+
+def engine_rate(engine: Engine, ids: list[int], requests: int, new_tokens: int, grammar) -> float:
+    """Output tokens/s of `requests` concurrent requests through the engine."""
+    suppress = {int(t): -100.0 for t in engine.model.stop_token_ids} if grammar is None else None
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, logit_bias=suppress)
+
+    async def run() -> float:
+        handles = [h for _ in range(requests) for h in engine.submit(ids, params, grammar)]
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(_tokens(h) for h in handles))
+        assert sum(counts) == requests * new_tokens, "a request stopped early"
+        return sum(counts) / (time.perf_counter() - start)
+
+    return asyncio.run(run())
+
+
+async def _tokens(handle) -> int:
+    return sum([len(chunk.token_ids) async for chunk in handle])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint (default: the SmolLM2-135M demo GGUF)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+
+    model = load(Path(args.model) if args.model else fetch_smollm2(REPO / ".cache" / "models"), dtype=args.dtype)
+    grammar = output_grammar(model, {"type": "json_schema", "json_schema": {"name": "records", "schema": RECORDS}})
+    print(f"device: {jax.devices()[0].device_kind}; {args.new_tokens} new tokens per row, greedy")
+    ids = model.chat_template.encode(model.tokenizer, PROMPT)
+    print(f"{'batch':>6}{'free tok/s':>12}{'1 step/call':>13}{'schema tok/s':>14}{'mask ms':>9}{'schema / free':>15}"
+          f"{'engine free':>13}{'engine schema':>15}{'schema / free':>15}")  # fmt: skip
+    for size in args.batches:
+        n = args.new_tokens
+        engine = Engine(model, max_batch=size, max_len=1024)
+        engine.start()
+        for _ in range(2):  # the first round compiles
+            free, _ = decode_rate(model, size, n, None, n)
+            stepped, _ = decode_rate(model, size, n, None, 1)
+            constrained, batch = decode_rate(model, size, n, grammar, 1)
+            served_free, served_schema = (engine_rate(engine, ids, size, n, g) for g in (None, grammar))
+        engine.stop()
+        print(f"{size:>6}{free:>12.1f}{stepped:>13.1f}{constrained:>14.1f}{mask_ms(model, batch, grammar):>9.2f}"
+              f"{constrained / free:>14.2f}x{served_free:>13.1f}{served_schema:>15.1f}{served_schema / served_free:>14.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
