@@ -279,7 +279,15 @@ class Engine:
         constraints = [h.constraint if h is not None else None for h in self._slots]
         if any(c is not None for c in constraints):  # a grammar's mask holds for one step
             steps = 1
-            allowed = sharding.put(structured.fill_bitmask(constraints, m.config.vocab_size), m.mesh)
+            try:
+                allowed = sharding.put(structured.fill_bitmask(constraints, m.config.vocab_size), m.mesh)
+            except structured.ConstraintError as e:  # those requests fail, the others go on
+                for row in e.rows:
+                    handle = self._slots[row]
+                    self._free(row)
+                    handle._put(RuntimeError(str(e)))
+                self._sampling = self._sampling_arrays()
+                return
         self._state = decode_loop(
             m.graphdef, m.mesh, self._window(steps), m.params, self._state, self._sampling, self._stop_ids, allowed, steps
         )

@@ -374,8 +374,9 @@ def generate(
     completions = _completions(model, batch, streams)
     if offered is not None:
         for c in completions:
-            c.text, calls = tool_calls.parse(c.text)
-            c.tool_calls, c.finish_reason = calls or None, tool_calls.finish_reason(c.finish_reason, calls)
+            answer = tool_calls.parse(c.text)
+            c.text, c.tool_calls = answer.content, answer.calls or None
+            c.finish_reason = tool_calls.finish_reason(c.finish_reason, answer)
     return completions
 
 

@@ -99,10 +99,10 @@ class _SentencePieceVocabulary:
             if i < vocab_size:
                 tokens[i] = SPECIAL + tokens[i]
         self.tokens = tokens + [b""] * (vocab_size - len(tokens))
-        self._tokenizer = tokenizer
+        self._tokenizer = weakref.ref(tokenizer)  # the cache entry must not keep its key alive
 
     def __call__(self, text: str | bytes) -> list[int]:
-        return self._tokenizer.encode_continuation(text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
+        return self._tokenizer().encode_continuation(text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
 
 
 def check_grammar(source: str, vocab: llguidance.LLTokenizer | None = None) -> None:
@@ -114,14 +114,16 @@ def check_grammar(source: str, vocab: llguidance.LLTokenizer | None = None) -> N
 
 
 class Grammar:
-    """A grammar checked against a model's vocabulary; `constraint()` starts one row's matcher."""
+    """A grammar checked against a model's vocabulary; `constraint()` starts one row's matcher
+    (a copy of one built here, so that requests do not rebuild the grammar)."""
 
     def __init__(self, source: str, vocab: llguidance.LLTokenizer):
         check_grammar(source, vocab)
-        self.source, self.vocab = source, vocab
+        self.source = source
+        self._start = llguidance.LLMatcher(vocab, source, log_level=0)
 
     def constraint(self) -> Constraint:
-        return Constraint(llguidance.LLMatcher(self.vocab, self.source, log_level=0))
+        return Constraint(self._start.deep_copy())
 
 
 def compile_grammar(model, source: str) -> Grammar:
@@ -129,6 +131,8 @@ def compile_grammar(model, source: str) -> Grammar:
     schema feature or grammar construct llguidance cannot enforce is a ValueError naming it."""
     if model.tokenizer is None:
         raise ValueError("constrained decoding needs the model's tokenizer; this checkpoint has none")
+    if not model.stop_token_ids:
+        raise ValueError("constrained decoding needs the model's stop tokens; its config names none")
     return Grammar(source, vocabulary(model.tokenizer, model.config.vocab_size, model.stop_token_ids))
 
 
@@ -153,6 +157,14 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+class ConstraintError(RuntimeError):
+    """Matchers that failed computing their mask (`rows`: their indices); the other rows are fine."""
+
+    def __init__(self, rows: list[int], message: str):
+        super().__init__(message)
+        self.rows = rows
+
+
 def fill_bitmask(constraints: Sequence[Constraint | None], vocab_size: int) -> np.ndarray:
     """The next step's allowed tokens, `[len(constraints), ceil(V/32)]` int32, bit `t % 32` of
     word `t // 32` for token t; rows without a constraint allow everything."""
@@ -160,8 +172,8 @@ def fill_bitmask(constraints: Sequence[Constraint | None], vocab_size: int) -> n
     rows = [(c.matcher, b) for b, c in enumerate(constraints) if c is not None]
     if rows:
         llguidance.numpy.fill_next_token_bitmask_par(_executor, rows, bitmask_BW)
-        for matcher, _ in rows:
-            if matcher.is_error():
-                raise RuntimeError(f"constrained decoding failed: {matcher.get_error()}")
+        failed = [(b, m.get_error()) for m, b in rows if m.is_error()]
+        if failed:
+            raise ConstraintError([b for b, _ in failed], f"constrained decoding failed: {failed[0][1]}")
     return bitmask_BW
 

@@ -5,9 +5,10 @@ What the model sees and writes:
 
 - the tools are described at the end of the system message (`Tools.prompt`), one JSON line each;
 - a call is `<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>`,
-  several calls one per line; the grammar lets the name be only a given tool's and the arguments
-  only JSON valid against that tool's `parameters` schema ("auto" also allows a plain answer,
-  which cannot begin with `<tool_call>`);
+  several calls one per line (the first may follow a little whitespace, as templates that end in a
+  space invite); the grammar lets the name be only a given tool's and the arguments only JSON
+  valid against that tool's `parameters` schema ("auto" also allows a plain answer, which cannot
+  begin, even after whitespace, with `<tool_call>`);
 - earlier calls in the history are written back in that form, and tool results are a user turn
   of `<tool_response name="get_weather">...</tool_response>` blocks (`render_messages`), so the
   conversation fits every chat template, including those that only alternate user/assistant.
@@ -27,7 +28,7 @@ from codellama_jax import structured
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-_HEAD = re.compile(r'\n?<tool_call>\{"name": "([a-zA-Z0-9_-]{1,64})", "arguments": ')
+_HEAD = re.compile(r'\s*<tool_call>\{"name": "([a-zA-Z0-9_-]{1,64})", "arguments": ')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +77,9 @@ class Tools:
         callable_tools = [t for t in self.tools if self.choice in ("auto", "required", t.name)]
         rules = [f"start: {'TEXT | calls' if self.choice == 'auto' else 'calls'}",
                  'calls: call ("\\n" call)*' if self.parallel else "calls: call",
-                 f"call: \"{OPEN}\" ({' | '.join(f'call_{i}' for i in range(len(callable_tools)))}) \"{CLOSE}\"",
-                 f"TEXT: /(?s:.*)/ & ~/(?s:{re.escape(OPEN)}.*)/"]  # fmt: skip
+                 f"call: OPEN ({' | '.join(f'call_{i}' for i in range(len(callable_tools)))}) \"{CLOSE}\"",
+                 f"OPEN: /[ \\t\\r\\n]{{0,8}}{re.escape(OPEN)}/",
+                 f"TEXT: /(?s:.*)/ & ~/(?s:\\s*{re.escape(OPEN)}.*)/"]  # fmt: skip
         for i, tool in enumerate(callable_tools):
             schema = {**_object_schema(tool.parameters), "x-guidance": structured.JSON_OPTIONS}
             rules.append(f'call_{i}: "{{\\"name\\": \\"{tool.name}\\", \\"arguments\\": " args_{i} "}}"')
@@ -132,9 +134,9 @@ def _parse_tool(i: int, tool: Any) -> Tool:
 
 
 def _object_schema(parameters: Mapping[str, Any]) -> dict:
-    """Arguments are always an object, whatever else the schema says."""
-    if not isinstance(parameters, Mapping):
-        raise ValueError("parameters must be a JSON schema object")
+    """Arguments are always an object: a schema without a type gets "object", another type is refused."""
+    if not isinstance(parameters, Mapping) or parameters.get("type", "object") != "object":
+        raise ValueError('parameters must be a JSON schema of an object ({"type": "object", ...})')
     return {"type": "object", **parameters}
 
 
@@ -213,6 +215,7 @@ class ToolCallParser:
         self.calls: list[ToolCall] = []
         self._pending = ""
         self._mode = "start"  # start | text | head | arguments | close
+        self._complete = False
         self._depth, self._in_string, self._escaped = 0, False, False
 
     def push(self, text: str) -> tuple[str, list[CallDelta]]:
@@ -221,9 +224,10 @@ class ToolCallParser:
         content, deltas = "", []
         while self._pending:
             if self._mode == "start":
-                if self._pending.startswith(OPEN):
+                lead = self._pending.lstrip()
+                if lead.startswith(OPEN):
                     self._mode = "head"
-                elif OPEN.startswith(self._pending):
+                elif OPEN.startswith(lead):
                     break
                 else:
                     self._mode = "text"
@@ -253,11 +257,18 @@ class ToolCallParser:
         return content, [d for d in deltas if d.arguments or d.name]
 
     def finish(self) -> str:
-        """Content still held back at the end (a plain answer that began like a call)."""
+        """Content still held back at the end (a plain answer that began like a call). A call cut
+        off before its name was complete is dropped; one cut off later keeps its partial arguments."""
         rest = self._pending if self._mode == "start" else ""
         self.content += rest
+        self._complete = self._mode in ("start", "text") or (self._mode == "head" and not self._pending)
         self._pending = ""
         return rest
+
+    @property
+    def complete(self) -> bool:
+        """After `finish()`: the answer did not end inside a call."""
+        return self._complete
 
     def _scan_arguments(self) -> int:
         """How much of the pending text belongs to the arguments object (all, or up to its end)."""
@@ -275,14 +286,15 @@ class ToolCallParser:
         return len(self._pending)
 
 
-def finish_reason(reason: str, calls: Sequence[ToolCall]) -> str:
-    """OpenAI's "tool_calls" for an answer that ended with calls (not one cut off)."""
-    return "tool_calls" if calls and reason == "stop" else reason
+def finish_reason(reason: str, parser: ToolCallParser) -> str:
+    """OpenAI's "tool_calls" for an answer that ended with whole calls (not cut off by max_tokens
+    or a stop string), from its finished parser."""
+    return "tool_calls" if parser.calls and parser.complete and reason == "stop" else reason
 
 
-def parse(text: str) -> tuple[str, list[ToolCall]]:
-    """Content and calls of a whole answer."""
+def parse(text: str) -> ToolCallParser:
+    """A whole answer's content and calls (`.content`, `.calls`, `.complete`)."""
     parser = ToolCallParser()
     parser.push(text)
     parser.finish()
-    return parser.content, parser.calls
+    return parser

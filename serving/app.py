@@ -217,7 +217,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
                         text, calls = parser.push(text)
                         if reason:
                             text += parser.finish()
-                            reason = tools.finish_reason(reason, parser.calls)
+                            reason = tools.finish_reason(reason, parser)
                     if text or calls or chunk.logprobs:
                         yield event([choice(index, text, chunk.logprobs, calls=calls)])
                     if reason:  # its own last event, with an empty delta
@@ -251,7 +251,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
     async def chat_completions(data: ChatCompletionRequest):
         check_model(data.model)
         data.check()
-        offered = data.offered_tools()
+        offered = await asyncio.to_thread(data.offered_tools)  # checks every tool's schema
         messages = [m.model_dump(exclude_none=True) for m in data.messages]
         messages.sort(key=lambda m: m["role"] != "system")  # the one system message, wherever sent, first
         try:  # templates, tokenizers and grammars are CPU work: off the event loop, so streams keep flowing
@@ -293,11 +293,11 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
 
 def _chat_message(text: str, reason: str, offered: tools.Tools | None) -> dict:
     """A whole answer's `message` and `finish_reason`: with tools, its calls taken out of the text."""
-    content, calls = tools.parse(text) if offered is not None else (text, [])
-    if not calls:
-        return {"message": {"role": "assistant", "content": content}, "finish_reason": reason}
-    message = {"role": "assistant", "content": content or None, "tool_calls": protocol.tool_calls(calls)}
-    return {"message": message, "finish_reason": tools.finish_reason(reason, calls)}
+    answer = tools.parse(text) if offered is not None else None
+    if answer is None or not answer.calls:
+        return {"message": {"role": "assistant", "content": answer.content if answer else text}, "finish_reason": reason}
+    message = {"role": "assistant", "content": answer.content or None, "tool_calls": protocol.tool_calls(answer.calls)}
+    return {"message": message, "finish_reason": tools.finish_reason(reason, answer)}
 
 
 def _logprobs(chunks: list[Chunk]) -> list | None:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 
+import llguidance
 import pytest
 
-from codellama_jax import generate, load
+from codellama_jax import generate, load, structured
 from codellama_jax.generation import output_grammar
 from codellama_jax.engine import Engine, EngineStopped, QueueFull
 from codellama_jax.sampling import SamplingParams
@@ -183,3 +184,25 @@ def test_constrained_and_free_requests_share_the_batch(engine, model):
         assert (text, ids) == (alone.text, alone.token_ids)
         if g:
             assert set(json.loads(text)) == {"x"}
+
+
+def test_a_failing_grammar_fails_only_its_request(engine, model):
+    vocab = structured.vocabulary(model.tokenizer, model.config.vocab_size, model.stop_token_ids)
+
+    class Broken:  # a matcher in its error state, as llguidance leaves one it cannot go on with
+        def constraint(self):
+            return structured.Constraint(llguidance.LLMatcher(vocab, "start: (", log_level=0))
+
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+
+    async def main():
+        (broken,) = engine.submit(PROMPTS[0], params, Broken())
+        (free,) = engine.submit(PROMPTS[1], params)
+        failed, done = await asyncio.gather(_collect(broken), _collect(free), return_exceptions=True)
+        return failed, done
+
+    failed, (_, text, ids) = asyncio.run(main())
+    assert isinstance(failed, RuntimeError) and "constrained decoding failed" in str(failed)
+    alone = generate(model, [PROMPTS[1]], temperature=0.0, max_tokens=12)[0]
+    assert (text, ids) == (alone.text, alone.token_ids)
+    assert engine.slots_in_use == 0

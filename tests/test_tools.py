@@ -9,7 +9,7 @@ import random
 import jsonschema
 import pytest
 
-from codellama_jax import chat, generate, load
+from codellama_jax import chat, generate, load, structured
 from codellama_jax.tools import ToolCallParser, parse, parse_tools, render_messages
 
 from conftest import write_hf_checkpoint
@@ -35,8 +35,9 @@ def model(tmp_path_factory, sp_dir):
 def test_whole_and_streamed_parses_agree():
     text = ('<tool_call>{"name": "get_weather", "arguments": {"city": "Pa}r\\"is{", "unit": "celsius"}}</tool_call>\n'
             '<tool_call>{"name": "get_time", "arguments": {"zone": "CET", "nested": [{"a": "]"}]}}</tool_call>')  # fmt: skip
-    content, calls = parse(text)
-    assert content == ""
+    answer = parse(text)
+    content, calls = answer.content, answer.calls
+    assert content == "" and answer.complete
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [
         ("get_weather", {"city": 'Pa}r"is{', "unit": "celsius"}),
         ("get_time", {"zone": "CET", "nested": [{"a": "]"}]}),
@@ -56,9 +57,34 @@ def test_whole_and_streamed_parses_agree():
         assert [arguments[i] for i in sorted(arguments)] == [c.arguments for c in calls]
 
 
-@pytest.mark.parametrize("text", ["Plain answer.", "<tool", "<tools are fun>", ""])
+@pytest.mark.parametrize("text", ["Plain answer.", "<tool", "<tools are fun>", "", " \n "])
 def test_plain_answers_are_content(text):
-    assert parse(text) == (text, [])
+    answer = parse(text)
+    assert (answer.content, answer.calls, answer.complete) == (text, [], True)
+
+
+def test_a_call_after_whitespace_is_a_call_the_grammar_checks(model):
+    """Templates that end in a space invite " <tool_call>": it is a call, never free text."""
+    grammar = structured.compile_grammar(model, parse_tools([WEATHER], "auto").grammar())
+    call = ' <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}</tool_call>'
+    accepted = grammar.constraint()
+    for token in model.tokenizer.encode_continuation(call):
+        accepted.advance(token)
+    assert accepted.complete
+    assert [(c.name, c.arguments) for c in parse(call).calls] == [("get_weather", '{"city": "Oslo", "unit": "celsius"}')]
+    refused = grammar.constraint()
+    with pytest.raises(RuntimeError, match="refused"):
+        for token in model.tokenizer.encode_continuation(' <tool_call>{"name": "rm_rf"'):
+            refused.advance(token)
+
+
+def test_a_call_cut_off_is_not_a_finished_call(model):
+    (cut,) = generate(model, [ASK], seed=0, max_tokens=200, stop=["}"], tools=[WEATHER], tool_choice="required")
+    assert cut.finish_reason == "stop" and cut.tool_calls[0].name == "get_weather"
+    with pytest.raises(json.JSONDecodeError):  # the stop string took the arguments' closing brace
+        json.loads(cut.tool_calls[0].arguments)
+    (short,) = generate(model, [ASK], seed=0, max_tokens=30, tools=[WEATHER], tool_choice="required")
+    assert short.finish_reason == "length"
 
 
 def test_history_renders_calls_and_results_as_the_model_writes_and_reads_them():
@@ -90,6 +116,7 @@ def test_history_renders_calls_and_results_as_the_model_writes_and_reads_them():
         (None, "required", "needs tools"),
         ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}], None,
          r"tools\[0\].function.parameters: .*not"),
+        ([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}], None, "an object"),
     ],
 )
 def test_bad_tools_are_refused_by_name(tools, tool_choice, message):
