@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quantize", choices=["int8"], help="int8 weights")
     parser.add_argument("--price-input", type=float, default=0.0, help="USD per million prompt tokens, for usage.estimated_cost")
     parser.add_argument("--price-output", type=float, default=0.0, help="USD per million completion tokens")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGTERM/SIGINT: seconds to let requests in flight finish (new ones get 503) before "
+                        "the rest are ended and the process exits 0 (default 30)")  # fmt: skip
     parser.add_argument("--api-key-file", type=Path, help=f"file with API keys, one per line (also: ${ENV_API_KEYS}, comma-separated); "
                         "with keys set every /v1 route needs 'Authorization: Bearer <key>'")  # fmt: skip
     return parser.parse_args(argv)
@@ -119,16 +122,37 @@ async def _serve(args: argparse.Namespace) -> int:
         hyper = Config()
         hyper.bind = [f"{args.host}:{args.port}"]
         hyper.accesslog = None
-        stop = asyncio.Event()
+        hyper.graceful_timeout = 10  # for responses to flush once the engine is done
+        signalled, shutdown = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, signalled.set)
+        server = asyncio.create_task(serve(app, hyper, shutdown_trigger=shutdown.wait))
         log.info("serving %r on http://%s:%d (%d slots, %s)", config.served_model_name, args.host, args.port,
                  engine.max_batch, "API keys required" if keys else "no API keys")  # fmt: skip
-        await serve(app, hyper, shutdown_trigger=stop.wait)
+        await asyncio.wait([server, asyncio.create_task(signalled.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if not server.done():
+            await drain(app, engine, args.drain_timeout)
+            shutdown.set()
+        await server
     finally:
-        engine.stop()
+        await asyncio.to_thread(engine.stop)
     return 0
+
+
+async def drain(app, engine, timeout: float) -> None:
+    """New generation requests get 503 while those in flight finish, for up to `timeout` seconds;
+    whatever is left then ends with an error (503, or an error event in a stream)."""
+    app.config["DRAINING"] = True
+    log.info("draining: %d requests in flight, %d queued; waiting up to %.0fs", engine.slots_in_use,
+             engine.queue_depth, timeout)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while (engine.slots_in_use or engine.queue_depth) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if engine.slots_in_use or engine.queue_depth:
+        log.warning("drain timeout: ending %d requests", engine.slots_in_use + engine.queue_depth)
+    await asyncio.to_thread(engine.stop)
+    log.info("drained; stopping")
 
 
 if __name__ == "__main__":

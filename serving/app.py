@@ -2,6 +2,8 @@
 
 Routes: chat completions and completions (each under /v1 and /v1/openai), models, /health,
 /metrics (Prometheus) and /openapi.json. Every error is OpenAI's `{"error": {...}}` shape.
+`app.config["DRAINING"] = True` (set on SIGTERM by __main__) refuses new generation requests with
+503 while those in flight finish.
 """
 
 from __future__ import annotations
@@ -61,23 +63,31 @@ class Metrics:
 def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
     """The Quart app; the engine must be started by whoever runs the app."""
     app = Quart("codellama_jax.serving")
-    app.config.update(MAX_CONTENT_LENGTH=config.max_body_bytes, RESPONSE_TIMEOUT=None, BODY_TIMEOUT=60)
+    app.config.update(MAX_CONTENT_LENGTH=config.max_body_bytes, RESPONSE_TIMEOUT=None, BODY_TIMEOUT=60, DRAINING=False)
     QuartSchema(app, openapi_path="/openapi.json", info={"title": "codellama-jax", "version": "1"},
                 redoc_ui_path=None, scalar_ui_path=None, swagger_ui_path="/docs")  # fmt: skip
     metrics = Metrics(engine)
     started = protocol.now()
 
-    def fail(status: int, message: str, **fields) -> Response:
-        return Response(json.dumps(protocol.error_body(message, **fields)), status=status, content_type="application/json")
+    def fail(status: int, message: str, retry_after: int | None = None, **fields) -> Response:
+        response = Response(json.dumps(protocol.error_body(message, **fields)), status=status, content_type="application/json")
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
+        return response
 
     @app.before_request
-    async def authenticate():
-        if not config.api_keys or not request.path.startswith("/v1"):
+    async def admit():
+        """API keys on every /v1 route; while draining, no new generation."""
+        if not request.path.startswith("/v1"):
             return None
-        header = request.headers.get("Authorization", "")
-        token = header[7:].strip() if header.startswith("Bearer ") else ""
-        if not any([hmac.compare_digest(token.encode(), key.encode()) for key in config.api_keys]):
-            return fail(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if config.api_keys:
+            header = request.headers.get("Authorization", "")
+            token = header[7:].strip() if header.startswith("Bearer ") else ""
+            if not any([hmac.compare_digest(token.encode(), key.encode()) for key in config.api_keys]):
+                return fail(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if app.config["DRAINING"] and request.method == "POST":
+            return fail(503, "the server is shutting down; send this request to another replica", retry_after=5,
+                        type="server_error", code="unavailable")  # fmt: skip
         return None
 
     @app.after_request
@@ -97,7 +107,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
 
     @app.errorhandler(ProtocolError)
     async def refused(e: ProtocolError):
-        return fail(e.status, e.message, param=e.param, code=e.code, type=e.type)
+        return fail(e.status, e.message, e.retry_after, param=e.param, code=e.code, type=e.type)
 
     @app.errorhandler(HTTPException)
     async def http_error(e: HTTPException):
@@ -123,9 +133,10 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
         try:
             return engine.submit(prompt_ids, params, grammar)
         except QueueFull as e:
-            raise ProtocolError(str(e), status=429, type="rate_limit_error", code="rate_limit_exceeded") from None
+            raise ProtocolError(str(e), status=429, type="rate_limit_error", code="rate_limit_exceeded",
+                                retry_after=1) from None  # fmt: skip
         except EngineStopped as e:
-            raise ProtocolError(str(e), status=503, type="server_error", code="unavailable") from None
+            raise _unavailable(e) from None
         except ValueError as e:
             if str(e).startswith("logit_bias"):
                 raise ProtocolError(str(e), param="logit_bias") from None
@@ -140,6 +151,8 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             return stream_response(body, prompt_ids, handles, kind, start, offered)
         try:
             results = await asyncio.gather(*(collect(h, start) for h in handles))
+        except EngineStopped as e:  # shut down before this request finished
+            raise _unavailable(e) from None
         finally:
             for h in handles:
                 h.cancel()
@@ -281,14 +294,19 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": config.served_model_name, "slots": engine.max_batch,
-                "slots_in_use": engine.slots_in_use, "queue_depth": engine.queue_depth}  # fmt: skip
+        body = {"status": "draining" if app.config["DRAINING"] else "ok", "model": config.served_model_name,
+                "slots": engine.max_batch, "slots_in_use": engine.slots_in_use, "queue_depth": engine.queue_depth}  # fmt: skip
+        return body, 503 if app.config["DRAINING"] else 200
 
     @app.get("/metrics")
     async def prometheus():
         return Response(generate_latest(metrics.registry), content_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _unavailable(e: EngineStopped) -> ProtocolError:
+    return ProtocolError(str(e), status=503, type="server_error", code="unavailable", retry_after=5)
 
 
 def _chat_message(text: str, reason: str, offered: tools.Tools | None) -> dict:

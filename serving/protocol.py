@@ -165,9 +165,10 @@ class ProtocolError(Exception):
     """A request the schema accepts but the server refuses: a 400 naming the field."""
 
     def __init__(self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None,
-                 type: str = "invalid_request_error"):  # fmt: skip
+                 type: str = "invalid_request_error", retry_after: int | None = None):  # fmt: skip
         super().__init__(message)
         self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
+        self.retry_after = retry_after  # seconds, for 429 and 503
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):

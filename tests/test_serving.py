@@ -187,8 +187,9 @@ def test_error_classes(client, server):
 def test_full_queue_is_429_and_n_beyond_the_slots_400(model):
     with running_server(model, max_batch=2, max_queue=0, start_engine=False) as (url, _):
         c = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.RateLimitError) as full:
             c.chat.completions.create(model=NAME, messages=HELLO)
+        assert full.value.response.headers["Retry-After"] == "1"
         with pytest.raises(openai.BadRequestError) as too_many:
             c.chat.completions.create(model=NAME, messages=HELLO, n=4)
         assert too_many.value.body["param"] == "n"
@@ -383,21 +384,36 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     assert engine.slots_in_use == 0
 
 
-def test_the_command_line_server_starts_serves_and_stops(tmp_path, sp_dir):
+def test_the_command_line_server_starts_serves_drains_and_stops(tmp_path, sp_dir):
     """`codellama-serve` as users run it: keys from the environment, one log line per request
-    (no key, no user in clear), ready only after warm-up, exit 0 on SIGTERM."""
-    converted = convert(open_checkpoint(write_hf_checkpoint(tmp_path / "hf", sp_dir)), tmp_path / "ckpt", dtype="float32")
+    (no key, no user in clear), ready only after warm-up; on SIGTERM, new requests get 503 while
+    those in flight finish (or, past --drain-timeout, end with an error event), and it exits 0."""
+    hf = write_hf_checkpoint(tmp_path / "hf", sp_dir, max_position_embeddings=4096)
+    converted = convert(open_checkpoint(hf), tmp_path / "ckpt", dtype="float32")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "CODELLAMA_API_KEYS": f"{KEY},sk-other"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "codellama_jax.serving", "--model", str(converted), "--port", str(port),
-         "--max-batch", "2", "--price-input", "1.5"],
+         "--max-batch", "2", "--price-input", "1.5", "--drain-timeout", "1"],
         env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     watchdog = threading.Timer(180, proc.kill)  # a server that never gets ready fails the test, not the suite
     watchdog.start()
+    url, headers = f"http://127.0.0.1:{port}", {"Authorization": "Bearer sk-other"}
+    streams: dict[int, str] = {}
+    started = {n: threading.Event() for n in (16, 4000)}  # one ends in time, one cannot (1 s of drain)
+
+    def stream(max_tokens: int) -> None:
+        body = {"model": "hf", "messages": HELLO, "max_tokens": max_tokens, "stream": True, "temperature": 0.0}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+            lines = []
+            for line in r.iter_lines():
+                lines.append(line)
+                started[max_tokens].set()
+            streams[max_tokens] = "\n".join(lines)
+
     try:
         lines = []
         for line in proc.stderr:
@@ -405,9 +421,23 @@ def test_the_command_line_server_starts_serves_and_stops(tmp_path, sp_dir):
             if "serving" in line:
                 break
         assert f"serving 'hf' on http://127.0.0.1:{port}" in lines[-1], "".join(lines)
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-other", max_retries=0)
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-other", max_retries=0)
         reply = c.chat.completions.create(model="hf", messages=HELLO, max_tokens=4, user="alice@example.com")
         assert reply.usage.model_extra["estimated_cost"] == pytest.approx(reply.usage.prompt_tokens * 1.5 / 1e6)
+
+        clients = [threading.Thread(target=stream, args=(n,)) for n in started]
+        for t in clients:
+            t.start()
+        for event in started.values():
+            event.wait(timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        while httpx.get(f"{url}/health").status_code != 503:
+            time.sleep(0.01)
+        refused = httpx.post(f"{url}/v1/chat/completions", json={"model": "hf", "messages": HELLO}, headers=headers)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+        assert refused.json()["error"]["code"] == "unavailable"
+        for t in clients:
+            t.join(timeout=60)
     finally:
         proc.send_signal(signal.SIGTERM)
         rest = proc.stderr.read()
@@ -416,6 +446,10 @@ def test_the_command_line_server_starts_serves_and_stops(tmp_path, sp_dir):
     log = "".join(lines) + rest
     assert proc.returncode == 0, log
     assert "chat n=1 prompt=" in log and "alice" not in log and KEY not in log and "sk-other" not in log
+    finished, cut = streams[16], streams[4000]
+    assert '"finish_reason": "length"' in finished and finished.rstrip().endswith("data: [DONE]")
+    assert '"error"' in cut and "stopped" in cut and '"finish_reason": "' not in cut  # ended, not hung
+    assert "draining:" in log and "drain timeout: ending 1 requests" in log
 
 
 def test_cli_help_explains_every_flag():
