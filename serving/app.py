@@ -88,6 +88,10 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
         if app.config["DRAINING"] and request.method == "POST":
             return fail(503, "the server is shutting down; send this request to another replica", retry_after=5,
                         type="server_error", code="unavailable")  # fmt: skip
+        if request.method == "POST":
+            problem = _unreadable(await request.get_data())
+            if problem:
+                return fail(400, f"malformed request body: {problem}")
         return None
 
     @app.after_request
@@ -303,6 +307,33 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
         return Response(generate_latest(metrics.registry), content_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _unreadable(body: bytes) -> str | None:
+    """What makes a body unreadable before the schema sees it (invalid UTF-8, JSON nested past
+    Python's recursion limit, strings with lone surrogates no tokenizer can encode), or None;
+    malformed JSON is left to the schema validation's own error."""
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return f"not valid UTF-8 at byte {e.start}"
+    except RecursionError:
+        return "JSON nested too deeply"
+    except ValueError:
+        return None
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            pending += item
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff)"
+    return None
 
 
 def _unavailable(e: EngineStopped) -> ProtocolError:

@@ -1,5 +1,5 @@
 """Shared fixtures: a SentencePiece model trained here, random tiny HF checkpoints written by
-transformers, and the real SmolLM2-135M GGUF."""
+transformers, the real SmolLM2-135M GGUF, and the server running in a background thread."""
 
 from __future__ import annotations
 
@@ -8,16 +8,26 @@ import os
 # 8 fake CPU devices for the sharding tests; must be set before jax is first imported
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
+import asyncio
+import contextlib
 import json
 import random
+import socket
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import sentencepiece as spm
 import torch
 import transformers
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
 
 from codellama_jax.demo_model import fetch_smollm2
+from codellama_jax.engine import Engine
+from codellama_jax.serving.app import ServerConfig, create_app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,3 +121,47 @@ def tiny_gqa_tied(tmp_path_factory, sp_dir) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     return fetch_smollm2(REPO / ".cache" / "models")
+
+
+NAME = "codellama/tiny-test"
+KEY = "sk-test-key"
+PRICES = (2.0, 6.0)
+
+
+@contextlib.contextmanager
+def running_server(model, *, max_batch=4, max_queue=64, start_engine=True, keys=(KEY,)):
+    """The app on a free port in a background thread; yields its base URL, the engine and the
+    server's event loop."""
+    engine = Engine(model, max_batch=max_batch, max_len=1024, max_queue=max_queue, steps_per_call=2)
+    app = create_app(model, engine, ServerConfig(NAME, PRICES, tuple(keys), max_body_bytes=2**20))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    loop = asyncio.new_event_loop()
+    stop: list[asyncio.Event] = []
+
+    def run():
+        asyncio.set_event_loop(loop)
+        stop.append(asyncio.Event())
+        loop.run_until_complete(serve(app, config, shutdown_trigger=stop[0].wait))
+
+    if start_engine:
+        engine.start()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        time.sleep(0.05)
+    try:
+        yield url, engine, loop
+    finally:
+        loop.call_soon_threadsafe(stop[0].set)
+        thread.join(timeout=30)
+        if start_engine:
+            engine.stop()

@@ -4,7 +4,6 @@ HTTP: the contract's examples, every sampling field, streaming, errors, concurre
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -18,64 +17,19 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
 
 from codellama_jax import chat, generate, load
 from codellama_jax.checkpoint import convert
 from codellama_jax.convert import open_checkpoint
-from codellama_jax.engine import Engine
 from codellama_jax.serving.__main__ import served_name
-from codellama_jax.serving.app import ServerConfig, create_app
 
-from conftest import write_hf_checkpoint
+from conftest import KEY, NAME, PRICES, running_server, write_hf_checkpoint
 
-NAME = "codellama/tiny-test"
-KEY = "sk-test-key"
-PRICES = (2.0, 6.0)
 HELLO = [{"role": "user", "content": "Hello!"}]
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                           "unit": {"enum": ["celsius", "fahrenheit"]}},
                           "required": ["city", "unit"], "additionalProperties": False}}}  # fmt: skip
-
-
-@contextlib.contextmanager
-def running_server(model, *, max_batch=4, max_queue=64, start_engine=True, keys=(KEY,)):
-    """The app on a free port in a background thread; yields its base URL."""
-    engine = Engine(model, max_batch=max_batch, max_len=1024, max_queue=max_queue, steps_per_call=2)
-    app = create_app(model, engine, ServerConfig(NAME, PRICES, tuple(keys), max_body_bytes=2**20))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.accesslog = None
-    loop = asyncio.new_event_loop()
-    stop: list[asyncio.Event] = []
-
-    def run():
-        asyncio.set_event_loop(loop)
-        stop.append(asyncio.Event())
-        loop.run_until_complete(serve(app, config, shutdown_trigger=stop[0].wait))
-
-    if start_engine:
-        engine.start()
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        time.sleep(0.05)
-    try:
-        yield url, engine
-    finally:
-        loop.call_soon_threadsafe(stop[0].set)
-        thread.join(timeout=30)
-        if start_engine:
-            engine.stop()
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +41,7 @@ def model(tmp_path_factory, sp_dir):
 
 @pytest.fixture(scope="module")
 def server(model):
-    with running_server(model) as (url, engine):
+    with running_server(model) as (url, engine, _):
         yield url, engine
 
 
@@ -185,7 +139,7 @@ def test_error_classes(client, server):
 
 
 def test_full_queue_is_429_and_n_beyond_the_slots_400(model):
-    with running_server(model, max_batch=2, max_queue=0, start_engine=False) as (url, _):
+    with running_server(model, max_batch=2, max_queue=0, start_engine=False) as (url, _, _):
         c = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
         with pytest.raises(openai.RateLimitError) as full:
             c.chat.completions.create(model=NAME, messages=HELLO)
