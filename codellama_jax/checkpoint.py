@@ -62,7 +62,7 @@ def read_params(source, dtype, *, progress: bool = False) -> Iterator[tuple[weig
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"{source.path}: tensors missing from the checkpoint: {shown}")
     np_dtype = np.dtype(dtype)
-    for name in tqdm(needed, desc="converting", unit="tensor", disable=not progress):
+    for name in tqdm(needed, desc="reading", unit="tensor", disable=not progress):
         path, in_axes = weights.param_path(name)
         try:
             value = weights.to_param(name, source.read(name), shapes[path], in_axes)

@@ -88,7 +88,9 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def load(path: str | Path, *, dtype: str | None = None, mesh: Mesh | None = None, quantize: str | None = None) -> Model:
+def load(
+    path: str | Path, *, dtype: str | None = None, mesh: Mesh | None = None, quantize: str | None = None, progress: bool = False
+) -> Model:
     """Loads a converted checkpoint directory, a HF checkpoint directory or a `.gguf` file.
 
     `dtype` ("float32", "bfloat16", "float16") is the compute dtype and that of the parameters;
@@ -96,7 +98,8 @@ def load(path: str | Path, *, dtype: str | None = None, mesh: Mesh | None = None
     weights and embedding int8 (a checkpoint converted with `--quantize int8` is int8 anyway);
     each weight is quantized on its devices as it arrives, so the full-precision model is never
     held. `mesh` (see `sharding.make_mesh`) spreads the model over several devices, each
-    receiving only its shards. Without a mesh the model lives on the first device.
+    receiving only its shards. Without a mesh the model lives on the first device. `progress`
+    shows a progress bar while a HF or GGUF checkpoint's tensors are read.
     """
     path = Path(path)
     param_dtype = checkpoint.parse_dtype(dtype or default_dtype())
@@ -117,7 +120,7 @@ def load(path: str | Path, *, dtype: str | None = None, mesh: Mesh | None = None
         source = open_checkpoint(path)
         config = source.config
         graphdef, state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype, quant=quantize))
-        _fill(state, mesh, checkpoint.read_params(source, param_dtype))
+        _fill(state, mesh, checkpoint.read_params(source, param_dtype, progress=progress))
         tokenizer, template = _optional_tokenizer(source.tokenizer), source.chat_template
     module = nnx.merge(graphdef, state)
     return Model(config, module, tokenizer, tokenizer and chat_template_for(tokenizer, template), mesh)

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from codellama_jax import demo_model
 from codellama_jax.checkpoint import FORMAT_FILE
 
@@ -36,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     parser.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on accelerators, float32 on CPU")
-    parser.add_argument("--quantize", choices=["int8"], help="int8 weights")
+    parser.add_argument("--quantize", choices=["int8"], help="int8 weights with a float32 scale per output channel (half the bytes of bfloat16)")
     parser.add_argument("--price-input", type=float, default=0.0, help="USD per million prompt tokens, for usage.estimated_cost")
     parser.add_argument("--price-output", type=float, default=0.0, help="USD per million completion tokens")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
@@ -65,15 +67,14 @@ def served_name(path: Path) -> str:
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-async def warm_up(engine, params, longest: int = 1024) -> None:
+async def warm_up(engine, params, longest: int = 1024, progress: bool = False) -> None:
     """Compiles prefill for every prompt-length bucket up to `longest` tokens, and the decode step,
     so that the first requests do not wait for XLA."""
-    length = 16
-    while length <= min(longest, engine.max_len - 1):
+    lengths = [16 << i for i in range(16) if 16 << i <= min(longest, engine.max_len - 1)]
+    for length in tqdm(lengths, desc="compiling", unit="bucket", disable=not progress):
         for handle in engine.submit([engine.model.tokenizer.bos_id or 0] * length, params):
             async for _ in handle:
                 pass
-        length *= 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    import jax
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
@@ -110,14 +112,17 @@ async def _serve(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ValueError(f"--mesh {args.mesh!r}: {e}") from None
     start = time.perf_counter()
-    model = load(path, dtype=args.dtype, mesh=mesh, quantize=args.quantize)
+    interactive = sys.stderr.isatty()  # progress bars for people, plain log lines for log files
+    model = load(path, dtype=args.dtype, mesh=mesh, quantize=args.quantize, progress=interactive)
     engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue)
     config = ServerConfig(args.served_model_name or served_name(path), (args.price_input, args.price_output), keys)
     app = create_app(model, engine, config)
     engine.start()
     try:
-        log.info("loaded %s in %.1fs; warming up", path, time.perf_counter() - start)
-        await warm_up(engine, SamplingParams(temperature=0.0, max_tokens=1))
+        weights = sum(x.nbytes for x in jax.tree.leaves(model.params))
+        log.info("loaded %s in %.1fs: %.2fB parameters, %.2f GiB on %d device(s); compiling", path,
+                 time.perf_counter() - start, model.config.num_params / 1e9, weights / 2**30, model.mesh.size)  # fmt: skip
+        await warm_up(engine, SamplingParams(temperature=0.0, max_tokens=1), progress=interactive)
         log.info("compiled in %.1fs", time.perf_counter() - start)
         hyper = Config()
         hyper.bind = [f"{args.host}:{args.port}"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -406,11 +407,16 @@ def test_the_command_line_server_starts_serves_drains_and_stops(tmp_path, sp_dir
     assert "draining:" in log and "drain timeout: ending 1 requests" in log
 
 
-def test_cli_help_explains_every_flag():
-    out = subprocess.run([sys.executable, "-m", "codellama_jax.serving", "--help"], capture_output=True, text=True)
-    for flag in ("--model", "--served-model-name", "--host", "--port", "--max-batch", "--max-len", "--mesh",
-                 "--price-input", "--price-output", "--api-key-file", "CODELLAMA_API_KEYS"):  # fmt: skip
-        assert flag in out.stdout
+@pytest.mark.parametrize("module", ["codellama_jax.serving", "codellama_jax.convert", "codellama_jax.plan"])
+def test_every_cli_explains_every_flag(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True).stdout
+    entries = re.split(r"\n(?=  -)", out.split("options:")[1].strip())
+    assert len(entries) >= 4
+    for entry in entries:  # "--flag METAVAR  what it does", the words beyond flags, metavars and choices
+        words = [w for w in entry.split() if not (w.startswith(("-", "{")) or w.strip(",").isupper())]
+        assert len(words) >= 3, f"{module}: {entry!r} has no explanation"
+    if module == "codellama_jax.serving":
+        assert "CODELLAMA_API_KEYS" in out and "--drain-timeout" in out
 
 
 def test_served_name_is_the_checkpoints_own(tmp_path, sp_dir):
