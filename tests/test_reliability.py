@@ -126,6 +126,34 @@ def test_clients_leaving_mid_stream_free_their_slots_and_tasks(server, model):
         model, [[{"role": "user", "content": "still there?"}]], max_tokens=5, temperature=0.0)[0].text  # fmt: skip
 
 
+def test_an_exception_in_one_request_fails_only_that_request(server, model, monkeypatch):
+    url, engine, _ = server
+    advance = engine._advance
+
+    def sabotaged(row, handle, host):  # a bug that strikes one request's processing only
+        if handle.params.seed == 4242:
+            raise RuntimeError("injected fault")
+        return advance(row, handle, host)
+
+    monkeypatch.setattr(engine, "_advance", sabotaged)
+    question = [{"role": "user", "content": "count"}]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(
+                client.post(f"{url}/v1/chat/completions", headers=HEADERS,
+                            json={"model": NAME, "messages": question, "max_tokens": 8, "seed": seed})
+                for seed in (1, 4242, 2, 3)))  # fmt: skip
+
+    ok1, failed, ok2, ok3 = asyncio.run(main())
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+    for seed, reply in zip((1, 2, 3), (ok1, ok2, ok3)):
+        assert reply.status_code == 200
+        assert reply.json()["choices"][0]["message"]["content"] == generate(model, [question], max_tokens=8, seed=seed)[0].text
+    monkeypatch.undo()
+    assert engine.slots_in_use == 0
+
+
 # -- fuzzing: whatever the body, a 2xx or an OpenAI-shaped 4xx, never a 5xx --
 
 LEAVES = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True)
