@@ -49,8 +49,9 @@ def param_shapes(config: LlamaConfig) -> dict[weights.ParamPath, tuple[int, ...]
     return {path: tuple(var.shape) for path, var in nnx.to_flat_state(state)}
 
 
-def read_params(source, dtype, *, progress: bool = False) -> Iterator[tuple[weights.ParamPath, np.ndarray]]:
-    """Yields (parameter path, array in `dtype`) one tensor at a time from a HF or GGUF reader.
+def read_params(source, dtype, *, progress: str | None = None) -> Iterator[tuple[weights.ParamPath, np.ndarray]]:
+    """Yields (parameter path, array in `dtype`) one tensor at a time from a HF or GGUF reader,
+    under a progress bar labelled `progress` when given.
 
     Every tensor the configuration needs is checked to exist before the first one is read, so a
     checkpoint with missing tensors fails at once, naming them.
@@ -62,7 +63,7 @@ def read_params(source, dtype, *, progress: bool = False) -> Iterator[tuple[weig
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"{source.path}: tensors missing from the checkpoint: {shown}")
     np_dtype = np.dtype(dtype)
-    for name in tqdm(needed, desc="reading", unit="tensor", disable=not progress):
+    for name in tqdm(needed, desc=progress, unit="tensor", disable=progress is None):
         path, in_axes = weights.param_path(name)
         try:
             value = weights.to_param(name, source.read(name), shapes[path], in_axes)
@@ -95,7 +96,7 @@ def convert(
         budget = max(int(np.prod(s)) for s in param_shapes(source.config).values()) * itemsize
         batch: dict = {}
         batch_bytes = 0
-        for path, value in read_params(source, param_dtype, progress=progress):
+        for path, value in read_params(source, param_dtype, progress="converting" if progress else None):
             for p, v in jax.device_get(quantization.stored(path, value, int8)).items():
                 _nest(batch, p, v)
                 batch_bytes += v.nbytes

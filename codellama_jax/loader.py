@@ -120,7 +120,7 @@ def load(
         source = open_checkpoint(path)
         config = source.config
         graphdef, state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype, quant=quantize))
-        _fill(state, mesh, checkpoint.read_params(source, param_dtype, progress=progress))
+        _fill(state, mesh, checkpoint.read_params(source, param_dtype, progress="loading" if progress else None))
         tokenizer, template = _optional_tokenizer(source.tokenizer), source.chat_template
     module = nnx.merge(graphdef, state)
     return Model(config, module, tokenizer, tokenizer and chat_template_for(tokenizer, template), mesh)

@@ -41,9 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quantize", choices=["int8"], help="int8 weights with a float32 scale per output channel (half the bytes of bfloat16)")
     parser.add_argument("--price-input", type=float, default=0.0, help="USD per million prompt tokens, for usage.estimated_cost")
     parser.add_argument("--price-output", type=float, default=0.0, help="USD per million completion tokens")
-    parser.add_argument("--drain-timeout", type=float, default=30.0,
+    parser.add_argument("--drain-timeout", type=float, default=20.0,
                         help="on SIGTERM/SIGINT: seconds to let requests in flight finish (new ones get 503) before "
-                        "the rest are ended and the process exits 0 (default 30)")  # fmt: skip
+                        "the rest are ended and the process exits 0 (default 20; with 5 s to flush, inside "
+                        "Kubernetes' default 30 s grace period)")  # fmt: skip
     parser.add_argument("--api-key-file", type=Path, help=f"file with API keys, one per line (also: ${ENV_API_KEYS}, comma-separated); "
                         "with keys set every /v1 route needs 'Authorization: Bearer <key>'")  # fmt: skip
     return parser.parse_args(argv)
@@ -103,6 +104,10 @@ async def _serve(args: argparse.Namespace) -> int:
 
     from .app import ServerConfig, create_app
 
+    signalled = asyncio.Event()  # a stop asked for while loading or compiling is honoured after it
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, signalled.set)
     keys = api_keys(args.api_key_file)
     path = Path(args.model) if args.model else demo_model.fetch_smollm2(DEFAULT_CACHE / "models")
     mesh = None
@@ -124,14 +129,13 @@ async def _serve(args: argparse.Namespace) -> int:
                  time.perf_counter() - start, model.config.num_params / 1e9, weights / 2**30, model.mesh.size)  # fmt: skip
         await warm_up(engine, SamplingParams(temperature=0.0, max_tokens=1), progress=interactive)
         log.info("compiled in %.1fs", time.perf_counter() - start)
+        if signalled.is_set():
+            return 0
         hyper = Config()
         hyper.bind = [f"{args.host}:{args.port}"]
         hyper.accesslog = None
-        hyper.graceful_timeout = 10  # for responses to flush once the engine is done
-        signalled, shutdown = asyncio.Event(), asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, signalled.set)
+        hyper.graceful_timeout = 5  # for responses to flush once the engine is done
+        shutdown = asyncio.Event()
         server = asyncio.create_task(serve(app, hyper, shutdown_trigger=shutdown.wait))
         log.info("serving %r on http://%s:%d (%d slots, %s)", config.served_model_name, args.host, args.port,
                  engine.max_batch, "API keys required" if keys else "no API keys")  # fmt: skip
@@ -146,16 +150,17 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def drain(app, engine, timeout: float) -> None:
-    """New generation requests get 503 while those in flight finish, for up to `timeout` seconds;
-    whatever is left then ends with an error (503, or an error event in a stream)."""
+    """New generation requests get 503 while those in flight (from their first byte to their
+    answer's last) finish, for up to `timeout` seconds; whatever is left then ends with an error
+    (503, or an error event in a stream)."""
     app.config["DRAINING"] = True
-    log.info("draining: %d requests in flight, %d queued; waiting up to %.0fs", engine.slots_in_use,
-             engine.queue_depth, timeout)  # fmt: skip
+    requests = app.asgi_app  # serving.app.OpenRequests
+    log.info("draining: %d requests in flight; waiting up to %.0fs", requests.open, timeout)
     deadline = time.monotonic() + timeout
-    while (engine.slots_in_use or engine.queue_depth) and time.monotonic() < deadline:
+    while requests.open and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    if engine.slots_in_use or engine.queue_depth:
-        log.warning("drain timeout: ending %d requests", engine.slots_in_use + engine.queue_depth)
+    if requests.open:
+        log.warning("drain timeout: ending %d requests", requests.open)
     await asyncio.to_thread(engine.stop)
     log.info("drained; stopping")
 

@@ -3,7 +3,8 @@
 Routes: chat completions and completions (each under /v1 and /v1/openai), models, /health,
 /metrics (Prometheus) and /openapi.json. Every error is OpenAI's `{"error": {...}}` shape.
 `app.config["DRAINING"] = True` (set on SIGTERM by __main__) refuses new generation requests with
-503 while those in flight finish.
+503 while those in flight finish; `app.asgi_app.open` counts them, from the first byte of a
+request to the last byte of its answer (streams included).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
                 redoc_ui_path=None, scalar_ui_path=None, swagger_ui_path="/docs")  # fmt: skip
     metrics = Metrics(engine)
     started = protocol.now()
+    app.asgi_app = OpenRequests(app.asgi_app)
 
     def fail(status: int, message: str, retry_after: int | None = None, **fields) -> Response:
         response = Response(json.dumps(protocol.error_body(message, **fields)), status=status, content_type="application/json")
@@ -89,7 +91,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             return fail(503, "the server is shutting down; send this request to another replica", retry_after=5,
                         type="server_error", code="unavailable")  # fmt: skip
         if request.method == "POST":
-            problem = _unreadable(await request.get_data())
+            problem = await asyncio.to_thread(_unreadable, await request.get_data())
             if problem:
                 return fail(400, f"malformed request body: {problem}")
         return None
@@ -309,25 +311,46 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
     return app
 
 
+class OpenRequests:
+    """ASGI middleware: how many generation requests (POST /v1/...) are being answered, so that a
+    drain waits for them all, including those still tokenizing or streaming their last events."""
+
+    def __init__(self, app):
+        self.app, self.open = app, 0
+
+    async def __call__(self, scope, receive, send):
+        counted = scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/v1")
+        self.open += counted
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.open -= counted
+
+
+MAX_JSON_DEPTH = 256
+
+
 def _unreadable(body: bytes) -> str | None:
-    """What makes a body unreadable before the schema sees it (invalid UTF-8, JSON nested past
-    Python's recursion limit, strings with lone surrogates no tokenizer can encode), or None;
-    malformed JSON is left to the schema validation's own error."""
+    """What makes a body unreadable before the schema sees it (invalid UTF-8, JSON nested deeper
+    than MAX_JSON_DEPTH, strings with lone surrogates no tokenizer can encode), or None; malformed
+    JSON is left to the schema validation's own error."""
     try:
         value = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as e:
         return f"not valid UTF-8 at byte {e.start}"
     except RecursionError:
-        return "JSON nested too deeply"
+        return f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
     except ValueError:
         return None
-    pending = [value]
+    pending = [(value, 1)]
     while pending:
-        item = pending.pop()
+        item, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            return f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
         if isinstance(item, dict):
-            pending += [*item.keys(), *item.values()]
+            pending += [(x, depth + 1) for x in (*item.keys(), *item.values())]
         elif isinstance(item, list):
-            pending += item
+            pending += [(x, depth + 1) for x in item]
         elif isinstance(item, str):
             try:
                 item.encode("utf-8")

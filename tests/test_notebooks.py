@@ -3,10 +3,12 @@ rot, and the committed copies carry the outputs of such a run."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import nbformat
+import psutil
 import pytest
 from nbclient import NotebookClient
 
@@ -16,11 +18,18 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 @pytest.mark.parametrize("name", ["quickstart", "sharding", "convert_and_serve"])
 def test_the_notebook_runs_and_is_saved_with_its_outputs(name):
     path = NOTEBOOKS / f"{name}.ipynb"
+    started = time.time()
     saved = nbformat.read(path, as_version=4)
     code = [cell for cell in saved.cells if cell.cell_type == "code"]
     assert code and all(cell.execution_count for cell in code), "saved without running it"
     assert sum(bool(cell.outputs) for cell in code) >= len(code) // 2, "saved without its outputs"
     fresh = nbformat.read(path, as_version=4)
     start = time.perf_counter()
-    NotebookClient(fresh, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    try:
+        NotebookClient(fresh, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    finally:  # a notebook that failed half-way must not leave its server running
+        for process in psutil.process_iter(["cmdline", "create_time"]):
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if "codellama_jax.serving" in cmdline and process.info["create_time"] >= started and process.pid != os.getpid():
+                process.kill()
     print(f"\n{name}.ipynb ran in {time.perf_counter() - start:.0f} s")
