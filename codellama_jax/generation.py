@@ -227,7 +227,9 @@ def prompt_ids(model: Model, prompt: Prompt, tools: tool_calls.Tools | None = No
     return ids
 
 
-def output_grammar(model: Model, response_format=None, tools: tool_calls.Tools | None = None):
+def output_grammar(
+    model: Model, response_format: Mapping[str, Any] | None = None, tools: tool_calls.Tools | None = None
+) -> structured.Grammar | None:
     """The grammar the output must follow (None: free text), compiled for the model."""
     if tools is not None and structured.response_format_grammar(response_format) is not None:
         raise ValueError("response_format cannot be combined with tools; give one or the other")
@@ -263,7 +265,9 @@ class Batch:
 
     What `generate()` and `stream()` drive; the benchmark times its two phases separately."""
 
-    def __init__(self, model: Model, prompts: Sequence[list[int]], params: SamplingParams, grammar=None):
+    def __init__(
+        self, model: Model, prompts: Sequence[list[int]], params: SamplingParams, grammar: structured.Grammar | None = None
+    ):
         if not prompts:
             raise ValueError("no prompts given")
         self.model = model
