@@ -135,8 +135,8 @@ class Engine:
         self._state = self._empty_state()
         self._sampling = self._sampling_arrays()
         self._stop_ids = sharding.put(np.array(model.stop_token_ids or (-1,), np.int32), model.mesh)
-        words = structured.bitmask_words(model.config.vocab_size)
-        self._all_allowed = sharding.put(np.full((self.max_batch, words), -1, np.int32), model.mesh)
+        free = structured.fill_bitmask([None] * self.max_batch, model.config.vocab_size)
+        self._all_allowed = sharding.put(free, model.mesh)
 
     # -- the consumer side (event loop) --
 

@@ -297,7 +297,7 @@ class Batch:
         self.sampling = sharding.put(SamplingArrays.build(sampling_rows, model.config.vocab_size), model.mesh)
         self.stop_ids = sharding.put(np.array(model.stop_token_ids or (-1,), np.int32), model.mesh)
         self.constraints = None if grammar is None else [grammar.constraint() for _ in self.rows] + [None] * (B - len(self.rows))
-        self.all_allowed = sharding.put(np.full((B, structured.bitmask_words(model.config.vocab_size)), -1, np.int32), model.mesh)
+        self.all_allowed = sharding.put(structured.fill_bitmask([None] * B, model.config.vocab_size), model.mesh)
         self._fed = [0] * len(self.rows)  # tokens of each row already pushed to its text stream
         self.stopped_at: dict[int, int] = {}  # row -> output length, for rows ended by a stop string
 
