@@ -1,6 +1,6 @@
 """codellama-jax: a JAX/Flax NNX inference stack for CodeLlama-70B-Instruct and the Llama family."""
 
-from codellama_jax.chat import ChatTemplate
+from codellama_jax.chat_template import ChatTemplate
 from codellama_jax.config import LlamaConfig
 from codellama_jax.generation import Completion, chat, generate, stream
 from codellama_jax.loader import Model, load

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from codellama_jax import checkpoint, sharding
 from codellama_jax import quantize as quantization
-from codellama_jax.chat import ChatTemplate, chat_template_for, read_chat_template
+from codellama_jax.chat_template import ChatTemplate, chat_template_for, read_chat_template
 from codellama_jax.config import LlamaConfig
 from codellama_jax.convert import open_checkpoint
 from codellama_jax.convert.hf import with_generation_config

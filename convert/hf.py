@@ -15,7 +15,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from codellama_jax.chat import read_chat_template
+from codellama_jax.chat_template import read_chat_template
 from codellama_jax.config import LlamaConfig
 from codellama_jax.tokenizer import Tokenizer, load_tokenizer
 

@@ -7,7 +7,7 @@ import pytest
 import tokenizers
 import transformers
 
-from codellama_jax.chat import BUILTIN_TEMPLATES, ChatTemplate
+from codellama_jax.chat_template import BUILTIN_TEMPLATES, ChatTemplate
 from codellama_jax.convert import GGUFCheckpoint
 from codellama_jax.tokenizer import SentencePieceTokenizer
 
