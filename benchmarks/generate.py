@@ -102,7 +102,8 @@ def matmul_floor(model, batch: int) -> float:
         for _, proj in nnx.iter_graph(module):
             if isinstance(proj, Proj):  # each product waits for the one before, as layers do
                 in_shape = proj.kernel.shape[: proj.num_in]
-                y = proj(jnp.broadcast_to(y.reshape(batch, -1)[:, :1], (batch, *in_shape)))
+                first = y.reshape(batch, -1)[:, :1].reshape(batch, *(1,) * len(in_shape))
+                y = proj(jnp.broadcast_to(first, (batch, *in_shape)))
         if module.lm_head is None:
             y = module.head(jnp.broadcast_to(y.reshape(batch, -1)[:, None, :1], (batch, 1, module.config.dim)))
         return y

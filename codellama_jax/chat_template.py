@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from codellama_jax.errors import RequestError
 from codellama_jax.tokenizer import Tokenizer
 
 Message = Mapping[str, Any]
@@ -74,7 +75,8 @@ class ChatTemplate:
         return cls(BUILTIN_TEMPLATES[name], **special_tokens)
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True, **extra: Any) -> str:
-        """The prompt text, byte-identical to transformers' `apply_chat_template(tokenize=False)`."""
+        """The template applied to `messages` as they are, byte-identical to transformers'
+        `apply_chat_template(tokenize=False)`."""
         check_messages(messages)
         try:
             return self._template.render(
@@ -83,11 +85,41 @@ class ChatTemplate:
                 **{**self.variables, **extra},
             )
         except (jinja2.TemplateError, TypeError) as e:
-            raise ValueError(f"chat template: {e}") from None
+            raise RequestError(f"chat template: {e}", param="messages") from None
 
-    def encode(self, tokenizer: Tokenizer, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
-        """Prompt token ids: the template's special tokens become control tokens, while text the
-        messages brought in (even `<s>` or `<step>` typed by a user) stays plain text.
+    def prompt(self, messages: Sequence[Message]) -> str:
+        """The prompt text for a conversation in any order OpenAI accepts (see `plain_messages`):
+        rendered as sent when the template can express it, else with its turns merged
+        (`merge_turns`); a final assistant message is continued (its text ends the prompt), any
+        other ends with the template's generation prompt."""
+        messages = plain_messages(messages)
+        final = messages[-1]
+        if final["role"] == "assistant" and not final["content"].strip():  # nothing to continue: answer
+            messages = messages[:-1]
+        continued = messages[-1]["role"] == "assistant"
+        try:
+            text = self.render(messages, add_generation_prompt=not continued)
+        except RequestError:
+            merged = merge_turns(messages)
+            if merged == messages:
+                raise
+            text = self.render(merged, add_generation_prompt=not continued)
+        if not continued:
+            return text
+        content = messages[-1]["content"]
+        end = text.rfind(content)
+        if end < 0:  # templates may trim the content
+            content = content.strip()
+            end = text.rfind(content)
+        if end < 0:
+            raise RequestError("the chat template does not reproduce the final assistant message, so it cannot be "
+                               "continued", param="messages")  # fmt: skip
+        return text[: end + len(content)]
+
+    def encode(self, tokenizer: Tokenizer, messages: Sequence[Message], limit: int | None = None) -> list[int]:
+        """Prompt token ids (`prompt`): the template's special tokens become control tokens, while
+        text the messages brought in (even `<s>` or `<step>` typed by a user) stays plain text.
+        A prompt that surely has `limit` tokens or more is refused before it is tokenized.
 
         Special-token text in the messages is swapped for numbered private-use placeholders before
         rendering, so only the template's own text can match a control token; the placeholders
@@ -100,9 +132,8 @@ class ChatTemplate:
                 return value
             return pattern.sub(lambda m: originals.append(m.group()) or f"{_MARK}{len(originals) - 1}{_MARK}", value)
 
-        check_messages(messages)
-        escaped = [{k: v if k == "role" else escape(v) for k, v in m.items()} for m in messages]
-        rendered = self.render(escaped, add_generation_prompt=add_generation_prompt)
+        escaped = [{k: v if k == "role" else escape(v) for k, v in m.items()} for m in plain_messages(messages)]
+        rendered = self.prompt(escaped)
         text, plain_spans = [], []
         length = 0
         for i, piece in enumerate(re.split(f"{_MARK}(\\d+){_MARK}", rendered)):
@@ -111,7 +142,7 @@ class ChatTemplate:
                 plain_spans.append((length, length + len(piece)))
             text.append(piece)
             length += len(piece)
-        return tokenizer.encode_with_specials("".join(text), plain_spans)
+        return tokenizer.encode_with_specials("".join(text), plain_spans, limit=limit)
 
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -121,14 +152,59 @@ _MARK = "\ue000"  # private use: brackets the placeholders of special-token text
 def check_messages(messages: Sequence[Message]) -> None:
     """Messages are mappings with a known role and string content (a clear error otherwise)."""
     if not messages:
-        raise ValueError("messages must not be empty")
+        raise RequestError("messages must not be empty", param="messages")
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
-            raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
+            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages.{i}")
         if m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
+            raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}",
+                               param=f"messages.{i}.role")  # fmt: skip
         if not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}].content must be a string")
+            raise RequestError(f"messages[{i}].content must be a string", param=f"messages.{i}.content")
+
+
+def plain_messages(messages: Sequence[Message]) -> list[dict]:
+    """OpenAI's message forms in the shape templates know: role `developer` is `system`, and
+    `content` given as parts is their text, joined by newlines (a part that is not text is a
+    RequestError naming it: these models read text only). Other keys (`name`, ...) pass through."""
+    if isinstance(messages, (str, Mapping)) or not messages:
+        raise RequestError("messages must be a non-empty list of messages", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages.{i}")
+        m = dict(m)
+        if m.get("role") == "developer":
+            m["role"] = "system"
+        if isinstance(m.get("content"), (list, tuple)):
+            m["content"] = "\n".join(_part_text(part, f"messages.{i}.content.{j}") for j, part in enumerate(m["content"]))
+        out.append(m)
+    return out
+
+
+def _part_text(part: Any, param: str) -> str:
+    kind = part.get("type") if isinstance(part, Mapping) else None
+    if kind in ("text", "refusal") and isinstance(part.get(kind), str):  # an assistant's refusal is its text
+        return part[kind]
+    if kind in ("image_url", "input_audio", "file", "image", "audio"):
+        raise RequestError(f"{param} is an {kind!r} part; this model takes text only", param=param)
+    raise RequestError(f'{param} must be a content part such as {{"type": "text", "text": "..."}}', param=param)
+
+
+def merge_turns(messages: Sequence[Message]) -> list[dict]:
+    """The conversation as templates with a strict order expect it (one system message first,
+    user and assistant alternating): system messages joined into one at the start, consecutive
+    messages of one role joined into one; texts joined by a blank line, in order."""
+    systems = [m for m in messages if m["role"] == "system"]
+    out = [{"role": "system", "content": "\n\n".join(m["content"] for m in systems)}] if systems else []
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        if out and out[-1]["role"] == m["role"]:
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{m['content']}"}
+        else:
+            out.append(dict(m))
+    return out
 
 
 def default_template_name(tokenizer: Tokenizer) -> str:

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codellama_jax import sharding, structured
+from codellama_jax import sharding, structured, tools
+from codellama_jax.errors import ContextLengthExceeded, RequestError
 from codellama_jax.generation import (
     FINISH_REASONS,
     RUNNING,
@@ -51,6 +52,13 @@ class QueueFull(Exception):
 
 class EngineStopped(RuntimeError):
     """The engine has stopped (or its device thread died): no request will be served; 503."""
+
+
+class EngineDraining(EngineStopped):
+    """The engine is draining: it finishes what is decoding and takes nothing new; 503."""
+
+
+DRAINING = "the server is shutting down; send this request to another replica"
 
 
 @dataclasses.dataclass
@@ -131,6 +139,7 @@ class Engine:
         self._fed = [0] * self.max_batch
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._draining = threading.Event()
         self._thread: threading.Thread | None = None
         self._state = self._empty_state()
         self._sampling = self._sampling_arrays()
@@ -141,11 +150,18 @@ class Engine:
     # -- the consumer side (event loop) --
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, grammar: structured.Grammar | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        grammar: structured.Grammar | None = None,
+        offered: tools.Tools | None = None,
     ) -> list[Handle]:
-        """Queues a request and returns its `n` handles; a prompt that cannot fit the context is
-        a ValueError, a full queue `QueueFull`, both at once. With a `grammar`, every sample's
-        output follows it (its slot then decodes one step per call)."""
+        """Queues a request and returns its `n` handles; a request that cannot be served is a
+        RequestError (ContextLengthExceeded when it does not fit), a full queue `QueueFull`, both
+        at once. With a `grammar`, every sample's output follows it (its slot then decodes one
+        step per call); with `offered` tools, an answer ends at a repeated call (tools.answer_end)."""
+        if self._draining.is_set():
+            raise EngineDraining(DRAINING)
         if self._stop.is_set():
             raise EngineStopped("the engine has stopped and serves no more requests")
         prompt_ids = list(prompt_ids)
@@ -153,21 +169,22 @@ class Engine:
         if len(prompt_ids) + max_new > self.max_len:
             max_new = self.max_len - len(prompt_ids)
             if max_new <= 0 or params.max_tokens is not None:
-                raise ValueError(
+                raise ContextLengthExceeded(
                     f"the prompt has {len(prompt_ids)} tokens and at most {self.max_len} tokens per request "
                     f"are served (--max-len); max_tokens {params.max_tokens} does not fit"
                 )
-        if self._waiting.qsize() >= self.max_queue:
-            raise QueueFull(f"{self._waiting.qsize()} requests are waiting; try again shortly")
         if params.n > self.max_batch:
-            raise ValueError(f"n={params.n} exceeds the server's {self.max_batch} decode slots")
+            raise RequestError(f"n={params.n} exceeds the server's {self.max_batch} decode slots", param="n")
         vocab = self.model.config.vocab_size
         for token in params.logit_bias or {}:
             if not 0 <= token < vocab:
-                raise ValueError(f"logit_bias names token {token}, outside the vocabulary [0, {vocab})")
+                raise RequestError(f"logit_bias names token {token}, outside the vocabulary [0, {vocab})",
+                                   param="logit_bias")  # fmt: skip
+        if self._waiting.qsize() >= self.max_queue:
+            raise QueueFull(f"{self._waiting.qsize()} requests are waiting; try again shortly")
         tokenizer = self.model.tokenizer
         handles = [
-            Handle(prompt_ids, params, i, max_new, TextStream(tokenizer, prompt_ids, params.stop),
+            Handle(prompt_ids, params, i, max_new, TextStream(tokenizer, prompt_ids, params.stop, tools.answer_end(offered)),
                    grammar.constraint() if grammar is not None else None)
             for i in range(params.n)
         ]  # fmt: skip
@@ -189,6 +206,14 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="codellama-engine", daemon=True)
         self._thread.start()
 
+    def drain(self) -> None:
+        """Takes no new request (EngineDraining) and ends those still waiting for a slot the same
+        way, at once, so their clients can retry elsewhere; what is decoding goes on."""
+        self._draining.set()
+        self._wake.set()
+        if self._thread is None or not self._thread.is_alive():
+            self._fail_waiting(EngineDraining(DRAINING))
+
     def stop(self) -> None:
         """Stops the device thread; requests still queued or decoding end with EngineStopped."""
         self._stop.set()
@@ -201,6 +226,8 @@ class Engine:
         try:
             while not self._stop.is_set():
                 try:
+                    if self._draining.is_set():  # here, so that no request is taken while it is failed
+                        self._fail_waiting(EngineDraining(DRAINING))
                     self._admit()
                     if self.slots_in_use == 0:
                         self._wake.wait(timeout=0.5)
@@ -229,6 +256,9 @@ class Engine:
             if handle is not None:
                 handle._put(error)
                 self._slots[row] = None
+        self._fail_waiting(error)
+
+    def _fail_waiting(self, error: Exception) -> None:
         while True:
             try:
                 handles = self._waiting.get_nowait()
@@ -259,7 +289,7 @@ class Engine:
             except Exception as e:  # this request fails, the others go on
                 log.exception("prefill failed")
                 for handle in handles:
-                    handle._put(ValueError(f"prefill failed: {e}"))
+                    handle._put(RuntimeError(f"prefill failed: {e}"))
                 for row in free:
                     if self._slots[row] in handles:
                         self._free(row)

@@ -20,8 +20,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from codellama_jax import sharding, structured
+from codellama_jax import chat_template, sharding, structured
 from codellama_jax import tools as tool_calls
+from codellama_jax.errors import ContextLengthExceeded, RequestError
 from codellama_jax.kv_cache import KVCache
 from codellama_jax.loader import Model, bucket
 from codellama_jax.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingParams, sample
@@ -37,9 +38,10 @@ STOP_STRING_CHUNK = 16  # decode steps between host checks of stop strings
 @dataclasses.dataclass
 class TokenLogprob:
     token_id: int
-    token: str
+    token: str  # the token's text on its own ("\ufffd" for part of a character)
+    bytes: bytes | None  # what it adds to the output text, exactly (None for a control token)
     logprob: float
-    top: list[tuple[int, str, float]]  # (token id, text, logprob), most likely first
+    top: list[TokenLogprob] = dataclasses.field(default_factory=list)  # alternatives, most likely first
 
 
 @dataclasses.dataclass
@@ -99,14 +101,13 @@ class DecodeState(NamedTuple):
 def token_logprob(tokenizer, results: SimpleNamespace, row: int, j: int, top: int) -> TokenLogprob:
     """The `j`-th generated token of `row`, with its logprob and `top` alternatives, from `results()`."""
 
-    def text(token) -> str:
-        return tokenizer.decode([int(token)], skip_special_tokens=False, continuation=True)
+    def entry(token, logprob, top=()) -> TokenLogprob:
+        token = int(token)
+        text = tokenizer.decode([token], skip_special_tokens=False, continuation=True)
+        return TokenLogprob(token, text, tokenizer.piece_bytes(token), float(logprob), list(top))
 
-    token = int(results.tokens_BN[row, j])
-    alternatives = [
-        (int(k), text(k), float(lp)) for k, lp in zip(results.top_ids_BNK[row, j], results.top_logprobs_BNK[row, j])
-    ]
-    return TokenLogprob(token, text(token), float(results.logprobs_BN[row, j]), alternatives[:top])
+    alternatives = [entry(k, lp) for k, lp in zip(results.top_ids_BNK[row, j], results.top_logprobs_BNK[row, j])]
+    return entry(results.tokens_BN[row, j], results.logprobs_BN[row, j], alternatives[:top])
 
 
 def lay_out(state: DecodeState, mesh: Mesh) -> DecodeState:
@@ -205,25 +206,30 @@ prefill = jax.jit(_prefill, static_argnums=(0, 1, 2, 3, 4))
 decode_loop = jax.jit(_decode_loop, static_argnums=(0, 1, 2), donate_argnums=(4,))
 
 
-def prompt_ids(model: Model, prompt: Prompt, tools: tool_calls.Tools | None = None) -> list[int]:
+def prompt_ids(model: Model, prompt: Prompt, tools: tool_calls.Tools | None = None, limit: int | None = None) -> list[int]:
     """Token ids of a prompt: text (BOS added as the tokenizer does), chat messages (the model's
-    chat template, with `tools` described and tool calls and results rendered as tools.py says),
-    or token ids as they are."""
+    chat template, see `ChatTemplate.prompt`, with `tools` described and tool calls and results
+    rendered as tools.py says), or token ids as they are. Text that surely holds more than
+    `limit` tokens (default: the context) is refused before it is tokenized."""
+    limit = model.config.max_seq_len if limit is None else limit
     is_chat = not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], Mapping)
     if tools is not None and not is_chat:
-        raise ValueError("tools need chat messages as the prompt")
+        raise RequestError("tools need chat messages as the prompt", param="messages")
     if is_chat:
-        return model.chat_template.encode(_tokenizer(model), tool_calls.render_messages(prompt, tools))
+        messages = tool_calls.render_messages(chat_template.plain_messages(prompt), tools)
+        return model.chat_template.encode(_tokenizer(model), messages, limit=limit)
     if isinstance(prompt, str):
         tokenizer = _tokenizer(model)
-        return tokenizer.encode(prompt, add_bos=tokenizer.add_bos)
+        return tokenizer.encode(prompt, add_bos=tokenizer.add_bos, limit=limit)
     array = np.asarray(prompt)
     if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
-        raise ValueError("a prompt must be text, a list of token ids (integers), or a list of chat messages")
+        raise RequestError("a prompt must be text, a list of token ids (integers), or a list of chat messages",
+                           param="prompt")  # fmt: skip
     ids = array.tolist()
     bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
     if bad:
-        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {model.config.vocab_size})")
+        raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {model.config.vocab_size})",
+                           param="prompt")  # fmt: skip
     return ids
 
 
@@ -231,15 +237,22 @@ def output_grammar(
     model: Model, response_format: Mapping[str, Any] | None = None, tools: tool_calls.Tools | None = None
 ) -> structured.Grammar | None:
     """The grammar the output must follow (None: free text), compiled for the model."""
-    if tools is not None and structured.response_format_grammar(response_format) is not None:
-        raise ValueError("response_format cannot be combined with tools; give one or the other")
-    source = tools.grammar() if tools is not None else structured.response_format_grammar(response_format)
-    return None if source is None else structured.compile_grammar(model, source)
+    try:
+        asked = structured.response_format_grammar(response_format)
+        if tools is not None and asked is not None:
+            raise RequestError("response_format cannot be combined with tools; give one or the other", param="response_format")
+        source = tools.grammar() if tools is not None else asked
+        return None if source is None else structured.compile_grammar(model, source)
+    except RequestError:
+        raise
+    except ValueError as e:
+        raise RequestError(str(e), param="tools" if tools is not None else "response_format") from None
 
 
 def _tokenizer(model: Model):
     if model.tokenizer is None:
-        raise ValueError("this checkpoint has no tokenizer (tokenizer.model or tokenizer.json); pass token ids")
+        raise RequestError("this checkpoint has no tokenizer (tokenizer.model or tokenizer.json); pass token ids",
+                           param="prompt")  # fmt: skip
     return model.tokenizer
 
 
@@ -247,13 +260,13 @@ def max_new_tokens(model: Model, prompt_len: int, max_tokens: int | None) -> int
     """Tokens a request may generate; a request that cannot fit the context window is refused."""
     context = model.config.max_seq_len
     if prompt_len == 0:
-        raise ValueError("the prompt is empty")
+        raise RequestError("the prompt is empty", param="prompt")
     if prompt_len >= context:
-        raise ValueError(f"the prompt has {prompt_len} tokens, the model's context window is {context} tokens")
+        raise ContextLengthExceeded(f"the prompt has {prompt_len} tokens, the model's context window is {context} tokens")
     if max_tokens is None:
         return context - prompt_len
     if prompt_len + max_tokens > context:
-        raise ValueError(
+        raise ContextLengthExceeded(
             f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: {prompt_len + max_tokens} "
             f"tokens exceed the model's context window of {context} tokens"
         )
@@ -367,7 +380,8 @@ def generate(
     batch = Batch(model, [prompt_ids(model, p, offered) for p in prompts], params, grammar)
     if params.stop or params.logprobs:
         _tokenizer(model)
-    streams = [TextStream(model.tokenizer, ids, params.stop) if model.tokenizer else None for _, ids, _ in batch.rows]
+    streams = [TextStream(model.tokenizer, ids, params.stop, tool_calls.answer_end(offered)) if model.tokenizer else None
+               for _, ids, _ in batch.rows]  # fmt: skip
     steps = STOP_STRING_CHUNK if params.stop else batch.state.tokens_BN.shape[1]
     while batch.running():
         batch.decode(steps)

@@ -19,13 +19,56 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codellama_jax.errors import RequestError
+
 MAX_SEED = 2**63 - 1
 MAX_TOP_LOGPROBS = 20
+MAX_STOP = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A setting's allowed values, stated once for the library's checks and the server's schema."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    integer: bool = False
+
+    def check(self, name: str, value, param: str | None = None) -> None:
+        """A RequestError naming `param` (default `name`) unless `value` is in range."""
+        kind = numbers.Integral if self.integer else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind) or not (self.integer or math.isfinite(value)):
+            raise RequestError(f"{name} must be {'an integer' if self.integer else 'a number'}, got {value!r}",
+                               param=param or name)  # fmt: skip
+        if value > self.high or value < self.low or (self.low_open and value == self.low):
+            raise RequestError(f"{name} must be in {'(' if self.low_open else '['}{self.low}, {self.high}], got {value}",
+                               param=param or name)  # fmt: skip
+
+    def bounds(self) -> dict:
+        """The range as pydantic `Field` keywords."""
+        return {"gt" if self.low_open else "ge": self.low, "le": self.high}
+
+
+RANGES = {  # the contract's ranges
+    "temperature": Range(0.0, 2.0),
+    "top_p": Range(0.0, 1.0, low_open=True),
+    "min_p": Range(0.0, 1.0),
+    "top_k": Range(0, 999, integer=True),
+    "repetition_penalty": Range(0.01, 5.0),
+    "presence_penalty": Range(-2.0, 2.0),
+    "frequency_penalty": Range(-2.0, 2.0),
+    "n": Range(1, 4, integer=True),
+    "top_logprobs": Range(0, MAX_TOP_LOGPROBS, integer=True),
+    "max_tokens": Range(0, 1_000_000, integer=True),
+    "seed": Range(0, MAX_SEED, integer=True),
+}
+LOGIT_BIAS = Range(-100.0, 100.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """One request's sampling settings, with the contract's defaults and ranges."""
+    """One request's sampling settings, with the contract's defaults and ranges (`RANGES`)."""
 
     max_tokens: int | None = None  # None: the rest of the context window
     temperature: float = 1.0
@@ -45,43 +88,22 @@ class SamplingParams:
     def __post_init__(self):
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (list, tuple)):
-            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+            raise RequestError(f"stop must be a string or a list of strings, got {self.stop!r}", param="stop")
         object.__setattr__(self, "stop", tuple(stop))
         if self.logit_bias is not None and not isinstance(self.logit_bias, Mapping):
-            raise ValueError("logit_bias must map token ids to biases")
-        _check_range("temperature", self.temperature, 0.0, 2.0)
-        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _check_range("min_p", self.min_p, 0.0, 1.0)
-        _check_int("top_k", self.top_k, 0, 999)
-        _check_range("repetition_penalty", self.repetition_penalty, 0.01, 5.0)
-        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        _check_int("n", self.n, 1, 4)
-        _check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
-        if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, 0, 1_000_000)
-        if self.seed is not None:
-            _check_int("seed", self.seed, 0, MAX_SEED)
-        if len(self.stop) > 16 or not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError("stop must be a non-empty string or a list of at most 16 non-empty strings")
+            raise RequestError("logit_bias must map token ids to biases", param="logit_bias")
+        for name, limits in RANGES.items():
+            value = getattr(self, name)
+            if value is not None or name not in ("max_tokens", "seed"):
+                limits.check(name, value)
+        if len(self.stop) > MAX_STOP:
+            raise RequestError(f"stop has {len(self.stop)} sequences; at most {MAX_STOP} are allowed", param="stop")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise RequestError("stop sequences must be non-empty strings", param="stop")
         for token, bias in (self.logit_bias or {}).items():
             if not isinstance(token, numbers.Integral) or isinstance(token, bool):
-                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
-            _check_range(f"logit_bias[{token}]", bias, -100.0, 100.0)
-
-
-def _check_range(name, value, low, high, *, low_open=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if value > high or value < low or (low_open and value == low):
-        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
-
-
-def _check_int(name, value, low, high):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+                raise RequestError(f"logit_bias keys must be token ids, got {token!r}", param="logit_bias")
+            LOGIT_BIAS.check(f"logit_bias[{token}]", bias, param="logit_bias")
 
 
 class SamplingArrays(NamedTuple):
@@ -105,7 +127,8 @@ class SamplingArrays(NamedTuple):
         for b, (p, index) in enumerate(rows):
             for token, value in (p.logit_bias or {}).items():
                 if not 0 <= token < vocab_size:
-                    raise ValueError(f"logit_bias names token {token}, outside the vocabulary [0, {vocab_size})")
+                    raise RequestError(f"logit_bias names token {token}, outside the vocabulary [0, {vocab_size})",
+                                       param="logit_bias")  # fmt: skip
                 bias[b, token] = value
             seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") & MAX_SEED
             key = jax.random.fold_in(jax.random.key(seed & 0xFFFFFFFF), seed >> 32)  # all 63 bits count

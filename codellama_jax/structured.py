@@ -110,7 +110,7 @@ def check_grammar(source: str, vocab: llguidance.LLTokenizer | None = None) -> N
     cannot be enforced: an unknown keyword or format, a dangling `$ref`, a bad regex."""
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, vocab)
     if is_error:
-        raise ValueError(messages[0])
+        raise ValueError(_short(messages[0]))
 
 
 class Grammar:
@@ -121,6 +121,12 @@ class Grammar:
         check_grammar(source, vocab)
         self.source = source
         self._start = llguidance.LLMatcher(vocab, source, log_level=0)
+        try:  # a grammar with no sentence at all (a $ref to itself) fails its very first mask
+            first = fill_bitmask([self.constraint()], vocab.vocab_size)
+        except ConstraintError as e:
+            raise ValueError(f"the grammar admits no output at all ({e})") from None
+        if not first.any():
+            raise ValueError("the grammar admits no output at all")
 
     def constraint(self) -> Constraint:
         return Constraint(self._start.deep_copy())
@@ -145,7 +151,7 @@ class Constraint:
     def advance(self, token_id: int) -> None:
         """Consumes the row's sampled token (always one the mask allowed)."""
         if not self.matcher.consume_token(int(token_id)):
-            raise RuntimeError(f"constrained decoding: token {token_id} refused: {self.matcher.get_error()}")
+            raise RuntimeError(f"constrained decoding: token {token_id} refused: {_short(self.matcher.get_error())}")
 
     @property
     def complete(self) -> bool:
@@ -174,6 +180,12 @@ def fill_bitmask(constraints: Sequence[Constraint | None], vocab_size: int) -> n
         llguidance.numpy.fill_next_token_bitmask_par(_executor, rows, bitmask_BW)
         failed = [(b, m.get_error()) for m, b in rows if m.is_error()]
         if failed:
-            raise ConstraintError([b for b, _ in failed], f"constrained decoding failed: {failed[0][1]}")
+            raise ConstraintError([b for b, _ in failed], f"constrained decoding failed: {_short(failed[0][1])}")
     return bitmask_BW
+
+
+def _short(message: str, limit: int = 200) -> str:
+    """llguidance's first line, without the parser state and grammar it may dump after it."""
+    line = message.strip().split("\n", 1)[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 

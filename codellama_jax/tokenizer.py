@@ -7,14 +7,17 @@ chat template's own text): `encode` treats its input as plain text, so a user wh
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import sentencepiece as spm
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2
+
+from codellama_jax.errors import ContextLengthExceeded
 
 Span = tuple[int, int]
 
@@ -39,14 +42,18 @@ class Tokenizer:
         """The text of a special token (None for other ids)."""
         return self._special_text.get(token_id)
 
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
-        """Token ids of plain text; special-token text in it stays text."""
+    def encode(self, text: str, *, add_bos: bool = False, limit: int | None = None) -> list[int]:
+        """Token ids of plain text; special-token text in it stays text. Text that surely has
+        `limit` tokens or more is refused (ContextLengthExceeded) before it is tokenized."""
+        self._check_length(text, limit)
         ids = self._encode_plain(text) if text else []
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
 
-    def encode_with_specials(self, text: str, plain_spans: Sequence[Span] = ()) -> list[int]:
+    def encode_with_specials(self, text: str, plain_spans: Sequence[Span] = (), limit: int | None = None) -> list[int]:
         """Token ids of template text: special-token text becomes control tokens, except inside
-        `plain_spans` (character ranges of user content), which is encoded as plain text."""
+        `plain_spans` (character ranges of user content), which is encoded as plain text; `limit`
+        as for `encode`."""
+        self._check_length(text, limit)
         ids: list[int] = []
         start = 0
         for m in self._special_re.finditer(text) if self._special_re else ():
@@ -68,6 +75,38 @@ class Tokenizer:
             ids = [i for i in ids if i not in self.special_ids]
         return self._decode(ids, continuation)
 
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for inside text (control tokens as their text), indexed by id."""
+        return list(self._token_bytes)
+
+    def piece_bytes(self, token_id: int) -> bytes | None:
+        """The bytes one token adds to the text (None for a control token, which adds none)."""
+        return None if token_id in self.special_ids else self._token_bytes[token_id]
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the number of tokens of `text`, found without tokenizing it (linear
+        and cheap, to refuse what cannot fit before paying for it): no token covers more
+        characters of the text, as the tokenizer normalizes it, than its longest piece has."""
+        length = self._normalized_length(text)
+        return -(-length // self._longest_piece) if length else 0
+
+    def _check_length(self, text: str, limit: int | None) -> None:
+        if limit is not None and (at_least := self.min_tokens(text)) >= limit:
+            raise ContextLengthExceeded(f"the prompt has at least {at_least} tokens; at most {limit - 1} fit "
+                                        f"({limit} tokens per request, with at least one new one)")  # fmt: skip
+
+    @functools.cached_property
+    def _token_bytes(self) -> tuple[bytes, ...]:
+        raise NotImplementedError
+
+    @functools.cached_property
+    def _longest_piece(self) -> int:
+        raise NotImplementedError
+
+    def _normalized_length(self, text: str) -> int:
+        """The length of `text` as the tokenizer's pieces see it (0 where no sound bound is known)."""
+        raise NotImplementedError
+
     def _encode_plain(self, text: str) -> list[int]:
         raise NotImplementedError
 
@@ -88,6 +127,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         spec = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
         self._dummy_prefix = spec.normalizer_spec.add_dummy_prefix
+        self._identity = spec.normalizer_spec.name == "identity" and not spec.normalizer_spec.remove_extra_whitespaces
         spec.normalizer_spec.add_dummy_prefix = False
         self._sp_continuation = spm.SentencePieceProcessor(model_proto=spec.SerializeToString())
         self._user_defined = {i for i, p in enumerate(spec.pieces) if p.type == p.USER_DEFINED}
@@ -125,19 +165,28 @@ class SentencePieceTokenizer(Tokenizer):
         """Ids of plain text that continues earlier text: no dummy-prefix space in front."""
         return self._encode_plain(text, self._sp_continuation)
 
-    def token_bytes(self) -> list[bytes]:
-        """The bytes each id stands for inside text (`▁` as a space, byte pieces as their byte,
-        control and added tokens as their text, nothing for `<unk>`), indexed by id."""
+    @functools.cached_property
+    def _token_bytes(self) -> tuple[bytes, ...]:
+        """`▁` as a space, byte pieces as their byte, control and added tokens as their text,
+        nothing for `<unk>` (it stands for no text in particular)."""
         n = self.sp.get_piece_size()
         out = [b""] * self.vocab_size
         for i in range(n):
             if self.sp.is_unknown(i):
-                continue  # stands for no text in particular
+                continue
             piece = self.sp.id_to_piece(i)
             out[i] = bytes([int(piece[3:5], 16)]) if self.sp.is_byte(i) else piece.replace("\u2581", " ").encode()
         for text, (i, _) in self.added_tokens.items():
             out[i] = text.encode()
-        return out
+        return tuple(out)
+
+    @functools.cached_property
+    def _longest_piece(self) -> int:
+        pieces = [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size()) if not self.sp.is_byte(i)]
+        return max(map(len, [*pieces, *self.added_tokens]))
+
+    def _normalized_length(self, text: str) -> int:
+        return len(text) if self._identity else len(self.sp.normalize(text))
 
     def _spelled(self, piece: str) -> list[int]:
         """A user-defined piece as ordinary pieces, character by character (bytes as fallback)."""
@@ -213,6 +262,39 @@ class HFTokenizer(Tokenizer):
             bool(config.get("add_bos_token", False)),
         )
 
+    @functools.cached_property
+    def _token_bytes(self) -> tuple[bytes, ...]:
+        """Byte-level vocabularies (GPT-2's byte-to-character table) or `▁`-and-`<0xNN>` ones
+        (Llama's tokenizer.json); added tokens as their text."""
+        byte_level = "ByteLevel" in json.dumps(json.loads(self.tok.to_str()).get("decoder"))
+        from_char = {c: b for b, c in _bytes_to_unicode().items()}
+        out = [b""] * self.vocab_size
+        for piece, i in self.tok.get_vocab(with_added_tokens=False).items():
+            if byte_level and all(c in from_char for c in piece):
+                out[i] = bytes(from_char[c] for c in piece)
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                out[i] = bytes([int(piece[3:5], 16)])
+            else:
+                out[i] = piece.replace("\u2581", " ").encode()
+        for i, token in self.tok.get_added_tokens_decoder().items():
+            out[i] = token.content.encode()
+        return tuple(out)
+
+    @functools.cached_property
+    def _longest_piece(self) -> int:
+        return max(map(len, self.tok.get_vocab(with_added_tokens=True)))
+
+    @functools.cached_property
+    def _drops_text(self) -> bool:
+        """A pre-tokenizer that removes characters (BERT's whitespace splitting): no length bound."""
+        found = re.findall(r'"(?:type|behavior)": ?"(\w+)"', json.dumps(json.loads(self.tok.to_str()).get("pre_tokenizer")))
+        return bool({"Whitespace", "WhitespaceSplit", "BertPreTokenizer", "CharDelimiterSplit", "Removed"} & set(found))
+
+    def _normalized_length(self, text: str) -> int:
+        if self._drops_text:
+            return 0
+        return len(self.tok.normalizer.normalize_str(text)) if self.tok.normalizer is not None else len(text)
+
     def _encode_plain(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
@@ -278,19 +360,34 @@ class IncrementalDetokenizer:
         return full_text[len(prefix_text) :]
 
 
+class OutputEnd(Protocol):
+    """A rule, beside stop strings, that ends an output from its text (`tools.RepeatedCall`): fed
+    the text in order, it says where the output ends (`end`) and from where text must be held
+    back until it knows (`hold`), both offsets into all the text fed, or None."""
+
+    end: int | None
+    hold: int | None
+
+    def feed(self, text: str) -> None: ...
+
+
 class TextStream:
     """Generated tokens to text with stop strings applied, for streaming and for final text.
 
     Text is released only once no stop string can begin in it, so a stream never shows part of a
-    stop string; a matched stop string and everything after it are dropped, as OpenAI does.
+    stop string; a matched stop string and everything after it are dropped, as OpenAI does. An
+    `end` rule (`OutputEnd`) can end the text too, and hold it back the same way.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), stop: Sequence[str] = (),
+                 end: OutputEnd | None = None):  # fmt: skip
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stop = tuple(stop)
+        self.end = end
         self.text = ""  # released so far
-        self.stopped = False  # a stop string was found
+        self.stopped = False  # a stop string was found, or the end rule ended the text
         self._pending = ""
+        self._ended = 0  # text fed to the end rule, counted from the start of `text`
 
     def push(self, token_id: int) -> str:
         """Text released by this token."""
@@ -307,12 +404,22 @@ class TextStream:
 
     def _release(self, final: bool) -> str:
         found = [i for i in (self._pending.find(s) for s in self.stop) if i >= 0]
+        keep = min(found, default=len(self._pending))  # what the output may hold of the pending text
+        release = keep if found or final else keep - self._stop_prefix_length()
+        if self.end is not None:
+            start = len(self.text)
+            if start + keep > self._ended:
+                self.end.feed(self._pending[self._ended - start : keep])
+                self._ended = start + keep
+            if self.end.end is not None and self.end.end - start <= keep:
+                keep = release = max(self.end.end - start, 0)
+                found = [keep]
+            elif self.end.hold is not None and not final:
+                release = min(release, max(self.end.hold - start, 0))
         if found:
-            out, self._pending, self.stopped = self._pending[: min(found)], "", True
+            out, self._pending, self.stopped = self._pending[:keep], "", True
         else:
-            held = 0 if final else self._stop_prefix_length()
-            out = self._pending[: len(self._pending) - held]
-            self._pending = self._pending[len(out) :]
+            out, self._pending = self._pending[:release], self._pending[release:]
         self.text += out
         return out
 
@@ -322,6 +429,15 @@ class TextStream:
             if any(s.startswith(self._pending[-k:]) for s in self.stop):
                 return k
         return 0
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table from bytes to the printable characters byte-level vocabularies spell them with."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + n)
+    return table
 
 
 def _read_json(path: Path) -> dict:

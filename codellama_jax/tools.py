@@ -25,6 +25,7 @@ import secrets
 from typing import Any, Mapping, Sequence
 
 from codellama_jax import structured
+from codellama_jax.errors import RequestError
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -61,7 +62,7 @@ class Tools:
             *(structured_json({"name": t.name, "description": t.description, "parameters": t.parameters})
               for t in self.tools),
             f'To call a function, answer with {OPEN}{{"name": <function name>, "arguments": <arguments object>}}{CLOSE}'
-            + (", one call per line." if self.parallel else "."),
+            + (", one call per line." if self.several else "."),
             'Function results come back as <tool_response name="...">...</tool_response>.',
         ]  # fmt: skip
         if self.choice == "auto":
@@ -72,11 +73,16 @@ class Tools:
             lines.append(f"You must call {self.choice}.")
         return "\n".join(lines)
 
+    @property
+    def several(self) -> bool:
+        """Whether an answer may hold several calls: a named tool_choice asks for exactly one."""
+        return self.parallel and self.choice in ("auto", "required")
+
     def grammar(self) -> str:
         """The Lark grammar of an answer: calls only, or (auto) calls or plain text."""
         callable_tools = [t for t in self.tools if self.choice in ("auto", "required", t.name)]
         rules = [f"start: {'TEXT | calls' if self.choice == 'auto' else 'calls'}",
-                 'calls: call ("\\n" call)*' if self.parallel else "calls: call",
+                 'calls: call ("\\n" call)*' if self.several else "calls: call",
                  f"call: OPEN ({' | '.join(f'call_{i}' for i in range(len(callable_tools)))}) \"{CLOSE}\"",
                  f"OPEN: /[ \\t\\r\\n]{{0,8}}{re.escape(OPEN)}/",
                  f"TEXT: /(?s:.*)/ & ~/(?s:\\s*{re.escape(OPEN)}.*)/"]  # fmt: skip
@@ -93,43 +99,49 @@ def parse_tools(tools: Sequence[Mapping[str, Any]] | None, tool_choice: str | Ma
     parsed = [_parse_tool(i, t) for i, t in enumerate(tools or [])]
     names = [t.name for t in parsed]
     if len(set(names)) != len(names):
-        raise ValueError(f"tools: function names must be unique, got {names}")
+        raise RequestError(f"tools: function names must be unique, got {names}", param="tools")
     if isinstance(tool_choice, Mapping):
         function = tool_choice.get("function")
         name = function.get("name") if isinstance(function, Mapping) else None
         if tool_choice.get("type") != "function" or not isinstance(name, str):
-            raise ValueError('tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+            raise RequestError('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
+                               '{"name": ...}}', param="tool_choice")  # fmt: skip
         if name not in names:
-            raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools")
+            raise RequestError(f"tool_choice names the function {name!r}, which is not among the tools", param="tool_choice")
         choice = name
     elif tool_choice is None:
         choice = "auto" if parsed else "none"
     elif tool_choice in ("none", "auto", "required"):
         choice = tool_choice
     else:
-        raise ValueError(f'tool_choice must be "none", "auto", "required" or a function, got {tool_choice!r}')
+        raise RequestError(f'tool_choice must be "none", "auto", "required" or a function, got {tool_choice!r}',
+                           param="tool_choice")  # fmt: skip
     if choice != "none" and not parsed:
-        raise ValueError(f"tool_choice {tool_choice!r} needs tools")
+        raise RequestError(f"tool_choice {tool_choice!r} needs tools", param="tool_choice")
     if not isinstance(parallel_tool_calls, bool):
-        raise ValueError("parallel_tool_calls must be true or false")
+        raise RequestError("parallel_tool_calls must be true or false", param="parallel_tool_calls")
     return Tools(tuple(parsed), choice, parallel_tool_calls) if choice != "none" else None
 
 
 def _parse_tool(i: int, tool: Any) -> Tool:
-    where = f"tools[{i}]"
+    where, param = f"tools[{i}]", f"tools.{i}"
+    if isinstance(tool, Mapping) and tool.get("type") == "custom":
+        raise RequestError(f"{where} is a custom tool; only function tools are supported", param=f"{param}.type")
     if not isinstance(tool, Mapping) or tool.get("type") != "function" or not isinstance(tool.get("function"), Mapping):
-        raise ValueError(f'{where} must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}')
+        raise RequestError(f'{where} must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}',
+                           param=param)  # fmt: skip
     function = tool["function"]
     name, description = function.get("name"), function.get("description", "")
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ValueError(f"{where}.function.name must be 1-64 letters, digits, '_' or '-', got {name!r}")
+        raise RequestError(f"{where}.function.name must be 1-64 letters, digits, '_' or '-', got {name!r}",
+                           param=f"{param}.function.name")  # fmt: skip
     if not isinstance(description, str):
-        raise ValueError(f"{where}.function.description must be a string")
+        raise RequestError(f"{where}.function.description must be a string", param=f"{param}.function.description")
     parameters = function.get("parameters", {"type": "object", "properties": {}})
     try:
         structured.check_grammar(structured.json_schema_grammar(_object_schema(parameters)))
     except ValueError as e:
-        raise ValueError(f"{where}.function.parameters: {e}") from None
+        raise RequestError(f"{where}.function.parameters: {e}", param=f"{param}.function.parameters") from None
     return Tool(name, description, parameters)
 
 
@@ -160,9 +172,10 @@ def render_messages(messages: Sequence[Mapping[str, Any]], tools: Tools | None) 
         elif role == "tool":
             call_id = m.get("tool_call_id")
             if call_id not in names:
-                raise ValueError(f"messages[{i}].tool_call_id {call_id!r} answers no earlier tool call")
+                raise RequestError(f"messages[{i}].tool_call_id {call_id!r} answers no earlier tool call",
+                                   param=f"messages.{i}.tool_call_id")  # fmt: skip
             if not isinstance(content, str):
-                raise ValueError(f"messages[{i}].content must be a string")
+                raise RequestError(f"messages[{i}].content must be a string", param=f"messages.{i}.content")
             message = {"role": "user", "content": f'<tool_response name="{names[call_id]}">\n{content}\n</tool_response>'}
         if after_tool and message["role"] == "user":  # one user turn: the results, then any words
             out[-1]["content"] += "\n" + message["content"]
@@ -179,14 +192,16 @@ def render_messages(messages: Sequence[Mapping[str, Any]], tools: Tools | None) 
 
 
 def _call_text(i: int, j: int, call: Any, names: dict[str, str]) -> str:
-    where = f"messages[{i}].tool_calls[{j}]"
+    where, param = f"messages[{i}].tool_calls[{j}]", f"messages.{i}.tool_calls.{j}"
     function = call.get("function") if isinstance(call, Mapping) else None
     if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not isinstance(call.get("id"), str):
-        raise ValueError(f'{where} must be {{"id": ..., "type": "function", "function": {{"name": ..., "arguments": ...}}}}')
+        raise RequestError(f'{where} must be {{"id": ..., "type": "function", "function": {{"name": ..., '
+                           '"arguments": ...}}}}', param=param)  # fmt: skip
     try:
         arguments = json.loads(function.get("arguments") or "{}")
     except (TypeError, json.JSONDecodeError):
-        raise ValueError(f"{where}.function.arguments must be a JSON object as a string") from None
+        raise RequestError(f"{where}.function.arguments must be a JSON object as a string",
+                           param=f"{param}.function.arguments") from None  # fmt: skip
     names[call["id"]] = function["name"]
     return OPEN + structured_json({"name": function["name"], "arguments": arguments}) + CLOSE
 
@@ -213,14 +228,17 @@ class ToolCallParser:
     def __init__(self):
         self.content = ""
         self.calls: list[ToolCall] = []
+        self.spans: list[list[int]] = []  # each call's [start, end) in all text pushed (end -1 while open)
+        self._pushed = 0
         self._pending = ""
         self._mode = "start"  # start | text | head | arguments | close
         self._complete = False
         self._depth, self._in_string, self._escaped = 0, False, False
 
     def push(self, text: str) -> tuple[str, list[CallDelta]]:
-        """Content text and call parts made certain by `text`."""
+        """Content text and call parts made certain by `text`: at most one `CallDelta` per call."""
         self._pending += text
+        self._pushed += len(text)
         content, deltas = "", []
         while self._pending:
             if self._mode == "start":
@@ -239,6 +257,7 @@ class ToolCallParser:
                     break  # grammar guarantees the head comes whole; wait for the rest
                 call = ToolCall(f"call_{secrets.token_hex(12)}", head.group(1), "")
                 self.calls.append(call)
+                self.spans.append([self._pushed - len(self._pending), -1])
                 deltas.append(CallDelta(len(self.calls) - 1, id=call.id, name=call.name))
                 self._pending, self._mode = self._pending[head.end():], "arguments"
             elif self._mode == "arguments":
@@ -253,8 +272,16 @@ class ToolCallParser:
                 if not self._pending.startswith(end):
                     break
                 self._pending, self._mode = self._pending[len(end):], "head"
+                self.spans[-1][1] = self._pushed - len(self._pending)
         self.content += content
-        return content, [d for d in deltas if d.arguments or d.name]
+        merged: list[CallDelta] = []
+        for d in deltas:
+            if merged and merged[-1].index == d.index:
+                last = merged[-1]
+                merged[-1] = CallDelta(d.index, last.arguments + d.arguments, last.id or d.id, last.name or d.name)
+            elif d.arguments or d.name:
+                merged.append(d)
+        return content, merged
 
     def finish(self) -> str:
         """Content still held back at the end (a plain answer that began like a call). A call cut
@@ -284,6 +311,40 @@ class ToolCallParser:
                 if self._depth == 0:
                     return n + 1
         return len(self._pending)
+
+
+class RepeatedCall:
+    """Where a tools answer ends because a call repeats an earlier call of the same answer (same
+    name, same arguments): small models often call one tool again and again until max_tokens.
+    Fed the answer's text as it is decoded (a `TextStream`'s `end`); `end` is where the repeat
+    begins, and while the text after the last whole call could still become a repeat, `hold`
+    says where it starts, so that it is not shown before it is known."""
+
+    def __init__(self):
+        self.end: int | None = None
+        self.hold: int | None = None
+        self._text = ""
+        self._parser = ToolCallParser()
+
+    def feed(self, text: str) -> None:
+        if self.end is not None:
+            return
+        self._text += text
+        self._parser.push(text)
+        whole = [(start, end) for start, end in self._parser.spans if end >= 0]
+        calls = [self._text[start:end].lstrip() for start, end in whole]
+        for k in range(1, len(calls)):
+            if calls[k] in calls[:k]:
+                self.end, self.hold = whole[k][0], None
+                return
+        after = whole[-1][1] if whole else None
+        rest = self._text[after:].lstrip() if after is not None else None
+        self.hold = after if rest is not None and any(c.startswith(rest) for c in calls) else None
+
+
+def answer_end(tools: Tools | None) -> RepeatedCall | None:
+    """The rule that ends a tools answer at a repeated call (None where the grammar allows one call)."""
+    return RepeatedCall() if tools is not None and tools.several else None
 
 
 def finish_reason(reason: str, parser: ToolCallParser) -> str:

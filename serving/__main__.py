@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "Kubernetes' default 30 s grace period)")  # fmt: skip
     parser.add_argument("--api-key-file", type=Path, help=f"file with API keys, one per line (also: ${ENV_API_KEYS}, comma-separated); "
                         "with keys set every /v1 route needs 'Authorization: Bearer <key>'")  # fmt: skip
+    parser.add_argument("--allowed-origins", default="", metavar="ORIGINS",
+                        help="comma-separated browser origins (e.g. https://app.example.com, or *) allowed to call the "
+                        "API from a web page (CORS); default: none")  # fmt: skip
     return parser.parse_args(argv)
+
+
+def claim(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (not yet listening) before anything slow happens, so that a
+    port in use is an error within seconds, not after loading; an OSError names the address."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def api_keys(key_file: Path | None) -> tuple[str, ...]:
@@ -87,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     package_log.setLevel(logging.INFO)
     package_log.propagate = False
     try:
-        return asyncio.run(_serve(args))
+        sock = claim(args.host, args.port)
+        return asyncio.run(_serve(args, sock))
     except (OSError, ValueError) as e:
         print(f"codellama-serve: error: {e}", file=sys.stderr)
         return 1
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     import jax
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
@@ -120,7 +138,9 @@ async def _serve(args: argparse.Namespace) -> int:
     interactive = sys.stderr.isatty()  # progress bars for people, plain log lines for log files
     model = load(path, dtype=args.dtype, mesh=mesh, quantize=args.quantize, progress=interactive)
     engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue)
-    config = ServerConfig(args.served_model_name or served_name(path), (args.price_input, args.price_output), keys)
+    origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
+    config = ServerConfig(args.served_model_name or served_name(path), (args.price_input, args.price_output), keys,
+                          allowed_origins=origins)  # fmt: skip
     app = create_app(model, engine, config)
     engine.start()
     try:
@@ -132,9 +152,13 @@ async def _serve(args: argparse.Namespace) -> int:
         if signalled.is_set():
             return 0
         hyper = Config()
-        hyper.bind = [f"{args.host}:{args.port}"]
         hyper.accesslog = None
         hyper.graceful_timeout = 5  # for responses to flush once the engine is done
+        try:
+            sock.listen(hyper.backlog)
+        except OSError as e:
+            raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+        hyper.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the socket from here
         shutdown = asyncio.Event()
         server = asyncio.create_task(serve(app, hyper, shutdown_trigger=shutdown.wait))
         log.info("serving %r on http://%s:%d (%d slots, %s)", config.served_model_name, args.host, args.port,
@@ -150,10 +174,11 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def drain(app, engine, timeout: float) -> None:
-    """New generation requests get 503 while those in flight (from their first byte to their
-    answer's last) finish, for up to `timeout` seconds; whatever is left then ends with an error
-    (503, or an error event in a stream)."""
+    """New generation requests, and those still waiting for a slot, get 503 while those decoding
+    (from their first byte to their answer's last) finish, for up to `timeout` seconds; whatever
+    is left then ends with an error (503, or an error event in a stream)."""
     app.config["DRAINING"] = True
+    engine.drain()  # requests still waiting for a slot are answered at once
     requests = app.asgi_app  # serving.app.OpenRequests
     log.info("draining: %d requests in flight; waiting up to %.0fs", requests.open, timeout)
     deadline = time.monotonic() + timeout

@@ -26,7 +26,8 @@ from quart_schema import QuartSchema, RequestSchemaValidationError, validate_req
 from werkzeug.exceptions import HTTPException
 
 from codellama_jax import generation, tools
-from codellama_jax.engine import Chunk, Engine, EngineStopped, Handle, QueueFull
+from codellama_jax.engine import DRAINING, Chunk, Engine, EngineStopped, Handle, QueueFull
+from codellama_jax.errors import ContextLengthExceeded, RequestError
 from codellama_jax.loader import Model
 
 from . import protocol
@@ -41,6 +42,7 @@ class ServerConfig:
     prices: tuple[float, float] = (0.0, 0.0)  # USD per million prompt / completion tokens
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 2**20
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (CORS); "*" for any
 
 
 class Metrics:
@@ -66,7 +68,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
     app = Quart("codellama_jax.serving")
     app.config.update(MAX_CONTENT_LENGTH=config.max_body_bytes, RESPONSE_TIMEOUT=None, BODY_TIMEOUT=60, DRAINING=False)
     QuartSchema(app, openapi_path="/openapi.json", info={"title": "codellama-jax", "version": "1"},
-                redoc_ui_path=None, scalar_ui_path=None, swagger_ui_path="/docs")  # fmt: skip
+                redoc_ui_path=None, scalar_ui_path=None, swagger_ui_path=None)  # fmt: skip
     metrics = Metrics(engine)
     started = protocol.now()
     app.asgi_app = OpenRequests(app.asgi_app)
@@ -77,20 +79,35 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             response.headers["Retry-After"] = str(retry_after)
         return response
 
+    def allowed_origin() -> str | None:
+        origin = request.headers.get("Origin")
+        return origin if origin and ("*" in config.allowed_origins or origin in config.allowed_origins) else None
+
     @app.before_request
     async def admit():
-        """API keys on every /v1 route; while draining, no new generation."""
+        """CORS preflights first (browsers send them without keys); then API keys on every /v1
+        route; while draining, no new generation; bodies that are not JSON objects refused."""
+        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method") and allowed_origin():
+            response = Response("", status=204)
+            response.headers.update({
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", "authorization, content-type"),
+                "Access-Control-Max-Age": "600",
+            })  # fmt: skip
+            return response
         if not request.path.startswith("/v1"):
             return None
         if config.api_keys:
-            header = request.headers.get("Authorization", "")
-            token = header[7:].strip() if header.startswith("Bearer ") else ""
+            scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+            token = token.strip() if scheme.lower() == "bearer" else ""
             if not any([hmac.compare_digest(token.encode(), key.encode()) for key in config.api_keys]):
                 return fail(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
         if app.config["DRAINING"] and request.method == "POST":
-            return fail(503, "the server is shutting down; send this request to another replica", retry_after=5,
-                        type="server_error", code="unavailable")  # fmt: skip
+            return fail(503, DRAINING, retry_after=5, type="server_error", code="unavailable")
         if request.method == "POST":
+            if request.mimetype != "application/json":
+                return fail(400, f"the body must be JSON sent with 'Content-Type: application/json' (got "
+                            f"{request.mimetype or 'no Content-Type'!r})")  # fmt: skip
             problem = await asyncio.to_thread(_unreadable, await request.get_data())
             if problem:
                 return fail(400, f"malformed request body: {problem}")
@@ -100,6 +117,10 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
     async def count(response: Response) -> Response:
         route = request.url_rule.rule if request.url_rule else "unknown"
         metrics.requests.labels(route, str(response.status_code)).inc()
+        if origin := allowed_origin():
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+            response.vary.add("Origin")
         return response
 
     @app.errorhandler(RequestSchemaValidationError)
@@ -115,10 +136,17 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
     async def refused(e: ProtocolError):
         return fail(e.status, e.message, e.retry_after, param=e.param, code=e.code, type=e.type)
 
+    @app.errorhandler(RequestError)
+    async def unservable(e: RequestError):
+        prompt_field = "messages" if request.path.endswith("chat/completions") else "prompt"
+        param = e.param if not isinstance(e, ContextLengthExceeded) else prompt_field
+        return fail(400, str(e), param=param, code=e.code)
+
     @app.errorhandler(HTTPException)
     async def http_error(e: HTTPException):
         messages = {400: "malformed request body: expected a JSON object", 413: "request body too large",
-                    404: f"no route {request.path}", 405: f"{request.method} is not allowed on {request.path}"}  # fmt: skip
+                    404: f"no route {request.path} (the API is described at /openapi.json)",
+                    405: f"{request.method} is not allowed on {request.path}"}  # fmt: skip
         return fail(e.code or 500, messages.get(e.code, e.description or e.name))
 
     @app.errorhandler(Exception)
@@ -132,29 +160,31 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             raise ProtocolError(f"the model {name!r} does not exist; this server serves {config.served_model_name!r}",
                                 param="model", status=404, code="model_not_found")  # fmt: skip
 
-    def submit(prompt_ids: list[int], body, grammar) -> list[Handle]:
-        if body.n > engine.max_batch:
-            raise ProtocolError(f"n={body.n} exceeds the server's {engine.max_batch} decode slots", param="n")
+    def submit(prompts: list[list[int]], body, grammar, offered) -> list[Handle]:
+        """Every prompt's `n` handles, in choice order; none if one of them cannot be served."""
         params = body.sampling()
+        handles: list[Handle] = []
         try:
-            return engine.submit(prompt_ids, params, grammar)
-        except QueueFull as e:
-            raise ProtocolError(str(e), status=429, type="rate_limit_error", code="rate_limit_exceeded",
-                                retry_after=1) from None  # fmt: skip
-        except EngineStopped as e:
-            raise _unavailable(e) from None
-        except ValueError as e:
-            if str(e).startswith("logit_bias"):
-                raise ProtocolError(str(e), param="logit_bias") from None
-            raise ProtocolError(str(e), param="messages" if hasattr(body, "messages") else "prompt",
-                                code="context_length_exceeded") from None  # fmt: skip
+            for ids in prompts:
+                handles += engine.submit(ids, params, grammar, offered)
+        except BaseException as e:
+            for h in handles:
+                h.cancel()
+            if isinstance(e, QueueFull):
+                raise ProtocolError(str(e), status=429, type="rate_limit_error", code="rate_limit_exceeded",
+                                    retry_after=1) from None  # fmt: skip
+            if isinstance(e, EngineStopped):
+                raise _unavailable(e) from None
+            raise
+        return handles
 
-    async def respond(body, prompt_ids: list[int], kind: str, grammar=None, offered: tools.Tools | None = None) -> Response:
+    async def respond(body, prompts: list[list[int]], kind: str, grammar=None, offered: tools.Tools | None = None) -> Response:
         """Runs a request through the engine and answers it whole or as a stream."""
         start = time.perf_counter()
-        handles = submit(prompt_ids, body, grammar)
+        handles = submit(prompts, body, grammar, offered)
+        prompt_tokens = sum(map(len, prompts))
         if body.stream:
-            return stream_response(body, prompt_ids, handles, kind, start, offered)
+            return stream_response(body, prompt_tokens, handles, kind, start, offered)
         try:
             results = await asyncio.gather(*(collect(h, start) for h in handles))
         except EngineStopped as e:  # shut down before this request finished
@@ -163,7 +193,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             for h in handles:
                 h.cancel()
         completion_tokens = sum(chunks[-1].completion_tokens for chunks in results)
-        record(body, len(prompt_ids), completion_tokens, start, kind)
+        record(body, prompt_tokens, completion_tokens, start, kind)
         if kind == "chat":
             choices = [
                 {"index": i, **_chat_message("".join(c.text for c in chunks), chunks[-1].finish_reason, offered),
@@ -173,14 +203,14 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
         else:
             choices = [
                 {"index": i, "text": "".join(c.text for c in chunks),
-                 "logprobs": protocol.text_logprobs(_logprobs(chunks)), "finish_reason": chunks[-1].finish_reason}
+                 "logprobs": protocol.TextLogprobs()(_logprobs(chunks)), "finish_reason": chunks[-1].finish_reason}
                 for i, chunks in enumerate(results)
             ]  # fmt: skip
         return Response(json.dumps({
             "id": protocol.new_id("chatcmpl" if kind == "chat" else "cmpl"),
             "object": "chat.completion" if kind == "chat" else "text_completion",
             "created": protocol.now(), "model": config.served_model_name, "choices": choices,
-            "usage": protocol.usage(len(prompt_ids), completion_tokens, config.prices),
+            "usage": protocol.usage(prompt_tokens, completion_tokens, config.prices),
         }), content_type="application/json")  # fmt: skip
 
     async def collect(handle: Handle, start: float) -> list[Chunk]:
@@ -191,36 +221,37 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             chunks.append(chunk)
         return chunks
 
-    def stream_response(body, prompt_ids, handles: list[Handle], kind: str, start: float, offered) -> Response:
+    def stream_response(body, prompt_tokens: int, handles: list[Handle], kind: str, start: float, offered) -> Response:
         ident, created = protocol.new_id("chatcmpl" if kind == "chat" else "cmpl"), protocol.now()
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
         def event(choices: list[dict], **extra) -> str:
             payload = {"id": ident, "object": obj, "created": created, "model": config.served_model_name,
-                       "choices": choices, **extra}  # fmt: skip
+                       "choices": choices, **({"usage": None} if body.include_usage else {}), **extra}  # fmt: skip
             return f"data: {json.dumps(payload)}\n\n"
 
-        text_offsets = [0] * len(handles)  # where each choice's next text starts, for completions' logprobs
-
+        text_logprobs = [protocol.TextLogprobs() for _ in handles]
         parsers = [tools.ToolCallParser() if offered is not None else None for _ in handles]
 
-        def choice(index: int, text: str = "", logprobs=None, reason: str | None = None, first: bool = False,
-                   calls: list[tools.CallDelta] = ()) -> dict:  # fmt: skip
-            if kind == "chat":
-                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-                if calls:
-                    delta["tool_calls"] = protocol.tool_call_deltas(calls)
-                return {"index": index, "delta": delta, "logprobs": protocol.chat_logprobs(logprobs), "finish_reason": reason}
-            text_logprobs = protocol.text_logprobs(logprobs, text_offsets[index])
-            text_offsets[index] += len(text)
-            return {"index": index, "text": text, "logprobs": text_logprobs, "finish_reason": reason}
+        def pieces(index: int, text: str = "", logprobs=None, reason: str | None = None, first: bool = False,
+                   calls: list[tools.CallDelta] = ()) -> list[dict]:  # fmt: skip
+            """This part of a choice as choice objects, each its own event: a chat delta carries
+            at most one call's part, as OpenAI's do."""
+            if kind == "text":
+                return [{"index": index, "text": text, "logprobs": text_logprobs[index](logprobs), "finish_reason": reason}]
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            deltas = ([delta] if delta else []) + [{"tool_calls": [protocol.tool_call_delta(c)]} for c in calls]
+            out = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas or [{}]]
+            out[0]["logprobs"] = protocol.chat_logprobs(logprobs)
+            out[-1]["finish_reason"] = reason
+            return out
 
         async def events() -> AsyncIterator[str]:
             completion_tokens = [0] * len(handles)
             try:
                 if kind == "chat":
                     for i in range(len(handles)):
-                        yield event([choice(i, first=True)])
+                        yield event(pieces(i, first=True))
                 first = True
                 async for index, chunk in _interleave(handles):
                     if first:
@@ -238,13 +269,14 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
                             text += parser.finish()
                             reason = tools.finish_reason(reason, parser)
                     if text or calls or chunk.logprobs:
-                        yield event([choice(index, text, chunk.logprobs, calls=calls)])
+                        for piece in pieces(index, text, chunk.logprobs, calls=calls):
+                            yield event([piece])
                     if reason:  # its own last event, with an empty delta
-                        yield event([choice(index, reason=reason)])
+                        yield event(pieces(index, reason=reason))
                 if body.include_usage:
-                    yield event([], usage=protocol.usage(len(prompt_ids), sum(completion_tokens), config.prices))
+                    yield event([], usage=protocol.usage(prompt_tokens, sum(completion_tokens), config.prices))
                 yield "data: [DONE]\n\n"
-                record(body, len(prompt_ids), sum(completion_tokens), start, kind)
+                record(body, prompt_tokens, sum(completion_tokens), start, kind)
             finally:  # also when the client goes away: the slots are freed at the next step
                 for h in handles:
                     h.cancel()
@@ -270,18 +302,14 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
     async def chat_completions(data: ChatCompletionRequest):
         check_model(data.model)
         data.check()
-        offered = await asyncio.to_thread(data.offered_tools)  # checks every tool's schema
-        messages = [m.model_dump(exclude_none=True) for m in data.messages]
-        messages.sort(key=lambda m: m["role"] != "system")  # the one system message, wherever sent, first
-        try:  # templates, tokenizers and grammars are CPU work: off the event loop, so streams keep flowing
-            prompt_ids = await asyncio.to_thread(generation.prompt_ids, model, messages, offered)
-        except ValueError as e:  # the tool history or the model's own template refused the conversation
-            raise ProtocolError(f"these messages cannot be rendered: {e}", param="messages") from None
-        try:
-            grammar = await asyncio.to_thread(generation.output_grammar, model, data.response_format, offered)
-        except ValueError as e:
-            raise ProtocolError(str(e), param="response_format" if data.response_format is not None else "tools") from None
-        return await respond(data, prompt_ids, "chat", grammar, offered)
+
+        def prepare():  # templates, tokenizers and grammars are CPU work: off the event loop
+            offered = data.offered_tools()
+            ids = generation.prompt_ids(model, data.chat_messages(), offered, limit=engine.max_len)
+            return offered, ids, generation.output_grammar(model, data.response_format, offered)
+
+        offered, prompt_ids, grammar = await asyncio.to_thread(prepare)
+        return await respond(data, [prompt_ids], "chat", grammar, offered)
 
     @app.post("/v1/completions")
     @app.post("/v1/openai/completions")
@@ -289,8 +317,11 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
     async def completions(data: CompletionRequest):
         check_model(data.model)
         data.check()
-        prompt_ids = await asyncio.to_thread(model.tokenizer.encode, data.prompt, add_bos=model.tokenizer.add_bos)
-        return await respond(data, prompt_ids, "text")
+
+        def prepare():
+            return [generation.prompt_ids(model, p, limit=engine.max_len) for p in data.prompts()]
+
+        return await respond(data, await asyncio.to_thread(prepare), "text")
 
     @app.get("/v1/models")
     @app.get("/v1/openai/models")
@@ -340,8 +371,10 @@ def _unreadable(body: bytes) -> str | None:
         return f"not valid UTF-8 at byte {e.start}"
     except RecursionError:
         return f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
-    except ValueError:
-        return None
+    except ValueError as e:
+        return f"not valid JSON: {e}"
+    if not isinstance(value, dict):
+        return f"the body must be a JSON object, got {type(value).__name__}"
     pending = [(value, 1)]
     while pending:
         item, depth = pending.pop()
@@ -367,8 +400,10 @@ def _chat_message(text: str, reason: str, offered: tools.Tools | None) -> dict:
     """A whole answer's `message` and `finish_reason`: with tools, its calls taken out of the text."""
     answer = tools.parse(text) if offered is not None else None
     if answer is None or not answer.calls:
-        return {"message": {"role": "assistant", "content": answer.content if answer else text}, "finish_reason": reason}
-    message = {"role": "assistant", "content": answer.content or None, "tool_calls": protocol.tool_calls(answer.calls)}
+        message = {"role": "assistant", "content": answer.content if answer else text, "refusal": None}
+        return {"message": message, "finish_reason": reason}
+    message = {"role": "assistant", "content": answer.content or None, "refusal": None,
+               "tool_calls": protocol.tool_calls(answer.calls)}  # fmt: skip
     return {"message": message, "finish_reason": tools.finish_reason(reason, answer)}
 
 

@@ -4,17 +4,19 @@ stream_options), strict types, and the response and error shapes clients expect.
 
 from __future__ import annotations
 
+import codecs
+import re
 import secrets
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from codellama_jax.generation import TokenLogprob
-from codellama_jax.sampling import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
+from codellama_jax.sampling import RANGES, SamplingParams
 from codellama_jax.tools import CallDelta, ToolCall, Tools, parse_tools
 
-MAX_STOP = 16
+Json = dict[str, Any]
 
 
 class Strict(BaseModel):
@@ -35,66 +37,71 @@ class MessageToolCall(Strict):
 
 
 class Message(Strict):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | None = None  # only an assistant message with tool_calls may leave it out
-    name: str | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[Json] | None = None  # text, or content parts (text only); optional beside tool_calls
+    name: str | None = None  # given to the model's chat template (see the README)
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
+    # what an assistant message of ours carries when a client sends it back
+    refusal: str | None = None
+    annotations: list[Json] | None = None
+    audio: Json | None = None
+    function_call: Json | None = None
 
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # ignored: no obfuscation padding is sent
+
+
+def _field(name: str, default):
+    return Field(default, **RANGES[name].bounds())
 
 
 class Sampling(Strict):
-    """Fields shared by chat and text completions."""
+    """Fields shared by chat and text completions. A null is the field's default, as OpenAI takes it."""
 
     model: str
     stream: bool = False
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    min_p: float = Field(0.0, ge=0, le=1)
-    top_k: int = Field(0, ge=0, lt=1000)
-    max_tokens: int | None = Field(None, ge=0, le=1_000_000)
+    temperature: float = _field("temperature", 1.0)
+    top_p: float = _field("top_p", 1.0)
+    min_p: float = _field("min_p", 0.0)
+    top_k: int = _field("top_k", 0)
+    max_tokens: int | None = _field("max_tokens", None)
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=4)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, ge=0.01, le=5)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> -100..100
-    user: str | None = None
+    n: int = _field("n", 1)
+    presence_penalty: float = _field("presence_penalty", 0.0)
+    frequency_penalty: float = _field("frequency_penalty", 0.0)
+    repetition_penalty: float = _field("repetition_penalty", 1.0)
+    seed: int | None = _field("seed", None)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
+    user: str | None = None  # logged as a hash
     stream_options: StreamOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or cls.model_fields.get(k, None) is None
+                    or cls.model_fields[k].is_required()}  # fmt: skip
+        return data
 
     def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise ProtocolError("stream_options is only allowed when stream is true", param="stream_options")
 
-    def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > MAX_STOP:
-            raise ProtocolError(f"stop has {len(stops)} sequences; at most {MAX_STOP} are allowed", param="stop")
-        if any(s == "" for s in stops):
-            raise ProtocolError("stop sequences must not be empty", param="stop")
-        return stops
-
-    def sampling_params(self, *, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    def sampling_params(self, *, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
         bias = {}
         for key, value in (self.logit_bias or {}).items():
-            if not key.strip().isdigit():
-                raise ProtocolError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+            if not re.fullmatch(r"[0-9]{1,9}", key.strip()):
+                raise ProtocolError(f"logit_bias keys must be token ids, got {key[:20]!r}", param="logit_bias")
             bias[int(key)] = value
-        try:
-            return self._sampling_params(logprobs, top_logprobs, bias)
-        except ValueError as e:  # the ranges the schema cannot state (logit_bias values)
-            raise ProtocolError(str(e), param=str(e).split("[")[0].split(" ")[0]) from None
-
-    def _sampling_params(self, logprobs: bool, top_logprobs: int, bias: dict[int, float]) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
         return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k,
-            max_tokens=self.max_tokens, stop=self.stops(), n=self.n, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty, seed=self.seed,
-            logit_bias=bias or None, logprobs=logprobs, top_logprobs=top_logprobs,
+            temperature=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k, max_tokens=max_tokens,
+            stop=stop, n=self.n, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, seed=self.seed, logit_bias=bias or None, logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )  # fmt: skip
 
     @property
@@ -104,61 +111,103 @@ class Sampling(Strict):
 
 class ChatCompletionRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = _field("max_tokens", None)  # the current name of max_tokens
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    top_logprobs: int | None = _field("top_logprobs", None)
+    tools: list[Json] | None = None
+    tool_choice: str | Json | None = None
     parallel_tool_calls: bool = True
-    response_format: dict[str, Any] | None = None
+    response_format: Json | None = None
+    # accepted and ignored: they change nothing in what this server generates (see the README)
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prediction: Json | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    modalities: list[str] | None = None  # ["text"]: what this server produces anyway
+    audio: Json | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: Json | None = None
+    # known, and refused: this server cannot do what they ask
+    web_search_options: Json | None = None
+    moderation: Json | None = None
+    functions: list[Json] | None = None
+    function_call: str | Json | None = None
 
     def check(self) -> None:
-        """What the schema cannot say: message order and content."""
+        """What the schema cannot say. The order of messages is the template's to judge
+        (`ChatTemplate.prompt`)."""
         self.check_stream_options()
-        if sum(m.role == "system" for m in self.messages) > 1:
-            raise ProtocolError("at most one system message is allowed", param="messages")
+        refused = {"web_search_options": "web search is not available on this server",
+                   "moderation": "moderation is not available on this server",
+                   "functions": "functions is deprecated and not supported; send tools",
+                   "function_call": "function_call is deprecated and not supported; send tool_choice"}  # fmt: skip
+        for name, why in refused.items():
+            if getattr(self, name) is not None:
+                raise ProtocolError(why, param=name)
+        if any(m != "text" for m in self.modalities or []):
+            raise ProtocolError("this model produces text only: modalities must be [\"text\"]", param="modalities")
+        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+            raise ProtocolError("max_tokens and max_completion_tokens differ; send one of them",
+                                param="max_completion_tokens")  # fmt: skip
         for i, m in enumerate(self.messages):
             if m.content is None and not (m.role == "assistant" and m.tool_calls):
                 raise ProtocolError(f"messages[{i}].content is required for a {m.role} message", param=f"messages.{i}.content")
             if (m.tool_calls and m.role != "assistant") or (m.tool_call_id is not None and m.role != "tool"):
                 raise ProtocolError(f"messages[{i}]: only assistant messages carry tool_calls, only tool messages a "
                                     "tool_call_id", param=f"messages.{i}")  # fmt: skip
-        turns = [m for m in self.messages if m.role != "system"]
-        roles = [m.role for m in turns]
-        if not roles or roles[-1] not in ("user", "tool"):
-            raise ProtocolError("the last message (after any system message) must be from the user or a tool", param="messages")
-        if roles[0] != "user":
-            raise ProtocolError("the conversation must start with a user message", param="messages")
-        for previous, message in zip(turns, turns[1:]):
-            if message.role == previous.role and message.role in ("user", "assistant"):
-                raise ProtocolError(f"two {message.role} messages in a row", param="messages")
-            if message.role == "tool" and not (previous.role == "tool" or previous.tool_calls):
-                raise ProtocolError("a tool message must follow an assistant message with tool_calls", param="messages")
+            if m.role == "tool" and m.tool_call_id is None:
+                raise ProtocolError(f"messages[{i}]: a tool message needs its tool_call_id", param=f"messages.{i}.tool_call_id")
+            if m.function_call is not None or m.audio is not None:
+                field = "function_call" if m.function_call is not None else "audio"
+                raise ProtocolError(f"messages[{i}].{field} is not supported", param=f"messages.{i}.{field}")
         if self.top_logprobs and not self.logprobs:
             raise ProtocolError("top_logprobs requires logprobs to be true", param="top_logprobs")
 
+    def chat_messages(self) -> list[Json]:
+        """The messages as the library takes them (OpenAI's own forms: parts, developer, ...)."""
+        return [m.model_dump(exclude_none=True, exclude={"refusal", "annotations", "audio", "function_call"})
+                for m in self.messages]  # fmt: skip
+
     def offered_tools(self) -> Tools | None:
         """The tools the model may call (None: none, or tool_choice "none")."""
-        try:
-            return parse_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
-        except ValueError as e:
-            raise ProtocolError(str(e), param="tool_choice" if str(e).startswith("tool_choice") else "tools") from None
+        return parse_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def sampling(self) -> SamplingParams:
-        return self.sampling_params(logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0)
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self.sampling_params(max_tokens=max_tokens, logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0)
 
 
 class CompletionRequest(Sampling):
-    prompt: str = Field(min_length=1)
+    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids, one prompt or several
     logprobs: int | None = Field(None, ge=0, le=5)  # legacy completions: number of alternatives
     echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=RANGES["n"].high)
+    suffix: str | None = None
 
     def check(self) -> None:
         self.check_stream_options()
         if self.echo:
             raise ProtocolError("echo is not supported", param="echo")
+        if self.suffix is not None:
+            raise ProtocolError("suffix (fill-in-the-middle) is not supported yet", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ProtocolError("best_of other than n is not supported (every sample is returned)", param="best_of")
+        if not self.prompt:
+            raise ProtocolError("prompt must not be empty", param="prompt")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
     def sampling(self) -> SamplingParams:
-        return self.sampling_params(logprobs=self.logprobs is not None, top_logprobs=self.logprobs or 0)
+        return self.sampling_params(max_tokens=self.max_tokens, logprobs=self.logprobs is not None,
+                                    top_logprobs=self.logprobs or 0)  # fmt: skip
 
 
 class ProtocolError(Exception):
@@ -194,20 +243,26 @@ def usage(prompt_tokens: int, completion_tokens: int, prices: tuple[float, float
     }
 
 
+def token_string(lp: TokenLogprob) -> str:
+    """A token as OpenAI writes it: its text, or for part of a character `bytes:` and its bytes
+    escaped (`bytes:\\xf0\\x9f`), so that different partial tokens stay different keys."""
+    if lp.bytes is None:  # a control token: its own text
+        return lp.token
+    try:
+        return lp.bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + lp.bytes.decode("utf-8", "backslashreplace")
+
+
 def chat_logprobs(logprobs: list[TokenLogprob] | None) -> dict | None:
-    """OpenAI's chat `logprobs` object: one entry per token, with its top alternatives."""
+    """OpenAI's chat `logprobs` object: one entry per token, with its bytes and top alternatives."""
     if logprobs is None:
         return None
 
-    def entry(token: str, logprob: float) -> dict:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    def entry(lp: TokenLogprob) -> dict:
+        return {"token": token_string(lp), "logprob": lp.logprob, "bytes": None if lp.bytes is None else list(lp.bytes)}
 
-    return {
-        "content": [
-            {**entry(lp.token, lp.logprob), "top_logprobs": [entry(text, value) for _, text, value in lp.top]}
-            for lp in logprobs
-        ]
-    }
+    return {"content": [{**entry(lp), "top_logprobs": [entry(t) for t in lp.top]} for lp in logprobs], "refusal": None}
 
 
 def tool_calls(calls: list[ToolCall]) -> list[dict]:
@@ -215,26 +270,30 @@ def tool_calls(calls: list[ToolCall]) -> list[dict]:
     return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
-def tool_call_deltas(deltas: list[CallDelta]) -> list[dict]:
-    """A stream delta's `tool_calls`: the first part of a call has its id and name."""
-    return [
-        {"index": d.index, **({"id": d.id, "type": "function"} if d.id else {}),
-         "function": {**({"name": d.name} if d.name else {}), "arguments": d.arguments}}
-        for d in deltas
-    ]  # fmt: skip
+def tool_call_delta(d: CallDelta) -> dict:
+    """One call's part of a stream delta: the first part has its id and name."""
+    return {"index": d.index, **({"id": d.id, "type": "function"} if d.id else {}),
+            "function": {**({"name": d.name} if d.name else {}), "arguments": d.arguments}}  # fmt: skip
 
 
-def text_logprobs(logprobs: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
-    """The legacy completions `logprobs` object."""
-    if logprobs is None:
-        return None
-    offsets, position = [], offset
-    for lp in logprobs:
-        offsets.append(position)
-        position += len(lp.token)
-    return {
-        "tokens": [lp.token for lp in logprobs],
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{text: value for _, text, value in lp.top} for lp in logprobs],
-        "text_offset": offsets,
-    }
+class TextLogprobs:
+    """The legacy completions `logprobs` object of one choice, chunk by chunk: `text_offset` is
+    the number of whole characters of the text before each token."""
+
+    def __init__(self):
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._chars = 0
+
+    def __call__(self, logprobs: list[TokenLogprob] | None) -> dict | None:
+        if logprobs is None:
+            return None
+        offsets = []
+        for lp in logprobs:
+            offsets.append(self._chars)
+            self._chars += len(self._decoder.decode(lp.bytes or b""))
+        return {
+            "tokens": [token_string(lp) for lp in logprobs],
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{token_string(t): t.logprob for t in lp.top} for lp in logprobs],
+            "text_offset": offsets,
+        }

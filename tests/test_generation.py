@@ -84,7 +84,7 @@ def test_logprobs_add_up_to_the_sequence_likelihood(tiny):
     ours = [lp.logprob for lp in completion.logprobs]
     np.testing.assert_allclose(ours, expected, atol=1e-4)
     for lp in completion.logprobs:
-        tops = [p for _, _, p in lp.top]
+        tops = [t.logprob for t in lp.top]
         assert len(tops) == 5 and tops == sorted(tops, reverse=True) and lp.logprob <= tops[0] + 1e-6
 
 

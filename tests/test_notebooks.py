@@ -3,7 +3,7 @@ rot, and the committed copies carry the outputs of such a run."""
 
 from __future__ import annotations
 
-import os
+import contextlib
 import time
 from pathlib import Path
 
@@ -18,18 +18,25 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 @pytest.mark.parametrize("name", ["quickstart", "sharding", "convert_and_serve"])
 def test_the_notebook_runs_and_is_saved_with_its_outputs(name):
     path = NOTEBOOKS / f"{name}.ipynb"
-    started = time.time()
     saved = nbformat.read(path, as_version=4)
     code = [cell for cell in saved.cells if cell.cell_type == "code"]
     assert code and all(cell.execution_count for cell in code), "saved without running it"
     assert sum(bool(cell.outputs) for cell in code) >= len(code) // 2, "saved without its outputs"
     fresh = nbformat.read(path, as_version=4)
+    ours: dict[int, psutil.Process] = {}  # the kernel and what it started: this test's own processes
+
+    def note_descendants(**_):
+        for process in psutil.Process().children(recursive=True):
+            ours.setdefault(process.pid, process)
+
     start = time.perf_counter()
+    client = NotebookClient(fresh, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}},
+                            on_cell_executed=note_descendants)  # fmt: skip
     try:
-        NotebookClient(fresh, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+        client.execute()
     finally:  # a notebook that failed half-way must not leave its server running
-        for process in psutil.process_iter(["cmdline", "create_time"]):
-            cmdline = " ".join(process.info["cmdline"] or [])
-            if "codellama_jax.serving" in cmdline and process.info["create_time"] >= started and process.pid != os.getpid():
-                process.kill()
+        for process in ours.values():
+            with contextlib.suppress(psutil.Error):
+                if process.is_running():  # the same process (psutil checks its start time), not a reused pid
+                    process.kill()
     print(f"\n{name}.ipynb ran in {time.perf_counter() - start:.0f} s")

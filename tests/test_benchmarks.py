@@ -1,0 +1,43 @@
+"""Every benchmark script runs end to end at its smallest settings (no figure is asserted), so
+that the commands the README quotes cannot rot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import KEY, NAME, REPO, running_server, write_hf_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, sp_dir):
+    return write_hf_checkpoint(tmp_path_factory.mktemp("bench") / "tiny", sp_dir, num_key_value_heads=2)
+
+
+def _run(*args: str) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_generate_benchmark(tiny):
+    out = _run("benchmarks/generate.py", "--model", str(tiny), "--batches", "1", "2", "--prompt-len", "8",
+               "--new-tokens", "4")  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("tiny")]
+    assert len(rows) == 2 and "x" in rows[1], out  # both batches, with the transformers ratio
+
+
+def test_structured_benchmark(tiny):
+    out = _run("benchmarks/structured.py", "--model", str(tiny), "--batches", "1", "2", "--new-tokens", "4")
+    assert len([line for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])]) == 2, out
+
+
+def test_serve_benchmark(tiny):
+    from codellama_jax import load
+
+    with running_server(load(tiny), max_batch=2) as (url, _, _):
+        out = _run("benchmarks/serve.py", "--url", url, "--api-key", KEY, "--model", NAME, "--clients", "1", "2",
+                   "--seconds", "2", "--max-tokens", "4")  # fmt: skip
+    assert len(out.strip().splitlines()) == 3, out
