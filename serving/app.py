@@ -258,7 +258,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
                         metrics.ttft.observe(time.perf_counter() - start)
                         first = False
                     if isinstance(chunk, BaseException):
-                        log.error("stream %s failed: %s", ident, chunk)
+                        (log.warning if isinstance(chunk, EngineStopped) else log.error)("stream %s ended: %s", ident, chunk)
                         yield f"data: {json.dumps(protocol.error_body(str(chunk), type='server_error'))}\n\n"
                         break
                     completion_tokens[index] = chunk.completion_tokens

@@ -1,6 +1,7 @@
 """The chat-completions contract as pydantic models: every input field with its default and range
-(../shared/reference/chat-completions-contract.txt, plus OpenAI's logprobs, top_logprobs and
-stream_options), strict types, and the response and error shapes clients expect."""
+(../shared/reference/chat-completions-contract.txt), OpenAI's other request fields (used, accepted
+without effect, or refused by name; see the README), strict types, and the response and error
+shapes of OpenAI's own specification."""
 
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ class ChatCompletionRequest(Sampling):
             raise ProtocolError("max_tokens and max_completion_tokens differ; send one of them",
                                 param="max_completion_tokens")  # fmt: skip
         for i, m in enumerate(self.messages):
-            if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            if m.content is None and not (m.role == "assistant" and (m.tool_calls or m.refusal is not None)):
                 raise ProtocolError(f"messages[{i}].content is required for a {m.role} message", param=f"messages.{i}.content")
             if (m.tool_calls and m.role != "assistant") or (m.tool_call_id is not None and m.role != "tool"):
                 raise ProtocolError(f"messages[{i}]: only assistant messages carry tool_calls, only tool messages a "
@@ -168,9 +169,15 @@ class ChatCompletionRequest(Sampling):
             raise ProtocolError("top_logprobs requires logprobs to be true", param="top_logprobs")
 
     def chat_messages(self) -> list[Json]:
-        """The messages as the library takes them (OpenAI's own forms: parts, developer, ...)."""
-        return [m.model_dump(exclude_none=True, exclude={"refusal", "annotations", "audio", "function_call"})
-                for m in self.messages]  # fmt: skip
+        """The messages as the library takes them (OpenAI's own forms: parts, developer, ...); an
+        assistant's refusal sent back without content is what it said."""
+        out = []
+        for m in self.messages:
+            message = m.model_dump(exclude_none=True, exclude={"refusal", "annotations", "audio", "function_call"})
+            if m.content is None and m.refusal is not None and not m.tool_calls:
+                message["content"] = m.refusal
+            out.append(message)
+        return out
 
     def offered_tools(self) -> Tools | None:
         """The tools the model may call (None: none, or tool_choice "none")."""

@@ -7,7 +7,8 @@ import pytest
 import tokenizers
 import transformers
 
-from codellama_jax.chat_template import BUILTIN_TEMPLATES, ChatTemplate
+from codellama_jax.chat_template import BUILTIN_TEMPLATES, ChatTemplate, merge_turns
+from codellama_jax.errors import RequestError
 from codellama_jax.convert import GGUFCheckpoint
 from codellama_jax.tokenizer import SentencePieceTokenizer
 
@@ -128,3 +129,71 @@ def test_message_text_never_becomes_control_tokens(messages, smollm2_template, s
 def test_malformed_messages_are_clear_errors(messages, message):
     with pytest.raises(ValueError, match=message):
         ChatTemplate.builtin("chatml").render(messages)
+
+
+ORDERS = {  # message orders OpenAI accepts that strict templates cannot express as sent
+    "systems": [{"role": "system", "content": "Be brief."}, {"role": "developer", "content": "Use Python."},
+                {"role": "user", "content": "Sort a list."}],
+    "two-users": [{"role": "user", "content": "Here is my code."}, {"role": "user", "content": "Why is it slow?"}],
+    "system-later": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                     {"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Thanks"}],
+}  # fmt: skip
+
+
+def _as_system(messages):
+    return [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+def test_any_order_renders_as_sent_where_the_template_can(order, smollm2_template, hf_tokenizer):
+    """ChatML expresses every order: the prompt is the template's own rendering of the messages as sent."""
+    messages = ORDERS[order]
+    expected = hf_tokenizer.apply_chat_template(_as_system(messages), chat_template=smollm2_template, tokenize=False,
+                                                add_generation_prompt=True)  # fmt: skip
+    assert ChatTemplate(smollm2_template).prompt(messages) == expected
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+@pytest.mark.parametrize("template", ["codellama-70b", "codellama-inst"])
+def test_strict_templates_get_the_turns_merged(order, template, hf_tokenizer):
+    messages = ORDERS[order]
+    ours = ChatTemplate.builtin(template, bos_token="<s>", eos_token="</s>")
+    with pytest.raises(ValueError, match="alternate"):
+        ours.render(_as_system(messages))  # as sent, the template refuses them
+    expected = hf_tokenizer.apply_chat_template(merge_turns(_as_system(messages)), chat_template=BUILTIN_TEMPLATES[template],
+                                                tokenize=False, add_generation_prompt=template == "codellama-70b")  # fmt: skip
+    assert ours.prompt(messages) == expected
+
+
+def test_merged_turns_are_the_documented_layout():
+    messages = [*ORDERS["systems"][:2], *ORDERS["two-users"]]
+    assert ChatTemplate.builtin("codellama-70b", bos_token="<s>").prompt(messages) == (
+        "<s>Source: system\n\n Be brief.\n\nUse Python. <step> "
+        "Source: user\n\n Here is my code.\n\nWhy is it slow? <step> "
+        "Source: assistant\nDestination: user\n\n "
+    )
+
+
+@pytest.mark.parametrize("template", [*BUILTIN_TEMPLATES, "smollm2"])
+def test_a_final_assistant_message_is_continued_as_transformers_does(template, smollm2_template, hf_tokenizer):
+    source = smollm2_template if template == "smollm2" else BUILTIN_TEMPLATES[template]
+    messages = [{"role": "user", "content": "Write a haiku."}, {"role": "assistant", "content": "Silent compiler"}]
+    expected = hf_tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
+                                                continue_final_message=True)  # fmt: skip
+    ours = ChatTemplate(source, bos_token="<s>", eos_token="</s>")
+    assert ours.prompt(messages) == expected and expected.endswith("Silent compiler")
+    empty = [messages[0], {"role": "assistant", "content": " "}]  # nothing to continue: answered
+    assert ours.prompt(empty) == ours.prompt(messages[:1])
+
+
+def test_content_parts_developer_and_name():
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort\nthis"}]
+    forms = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "name": "alice", "content": [{"type": "text", "text": "Sort"}, {"type": "text", "text": "this"}]}]  # fmt: skip
+    template = ChatTemplate.builtin("chatml")
+    assert template.prompt(forms) == template.prompt(plain)  # built-in templates ignore `name`
+    image = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                          {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]  # fmt: skip
+    with pytest.raises(RequestError, match="text only") as refused:
+        template.prompt(image)
+    assert refused.value.param == "messages.0.content.1"

@@ -4,6 +4,8 @@ rot, and the committed copies carry the outputs of such a run."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +31,10 @@ def test_the_notebook_runs_and_is_saved_with_its_outputs(name):
         for process in psutil.Process().children(recursive=True):
             ours.setdefault(process.pid, process)
 
+    # someone else's server on this machine (not ours: detached), by its command line: it must survive
+    launched = subprocess.run(["sh", "-c", f'"{sys.executable}" -c "import time; time.sleep(900)" codellama_jax.serving '
+                               "> /dev/null 2>&1 & echo $!"], capture_output=True, text=True, check=True)  # fmt: skip
+    bystander = psutil.Process(int(launched.stdout))
     start = time.perf_counter()
     client = NotebookClient(fresh, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}},
                             on_cell_executed=note_descendants)  # fmt: skip
@@ -39,4 +45,7 @@ def test_the_notebook_runs_and_is_saved_with_its_outputs(name):
             with contextlib.suppress(psutil.Error):
                 if process.is_running():  # the same process (psutil checks its start time), not a reused pid
                     process.kill()
+        alive = bystander.is_running()
+        bystander.kill()
+    assert alive, "the notebook test stopped a process it did not start"
     print(f"\n{name}.ipynb ran in {time.perf_counter() - start:.0f} s")

@@ -275,6 +275,48 @@ def test_hostile_bodies_get_openai_errors(server, body, status):
 # -- security --
 
 
+def test_huge_prompts_are_refused_without_stalling_other_streams(model):
+    """Four 4 MB prompts ("ab" * 1.9M, under a 5 MiB body limit) are refused as surely too long
+    before they are tokenized, off the event loop: another client's streams keep flowing."""
+    huge = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "ab" * 1_900_000}]})
+    small = {"model": NAME, "messages": [{"role": "user", "content": "tensor"}], "max_tokens": 40, "stream": True}
+
+    async def main(url):
+        stamps: list[float] = []
+        refusing = asyncio.Event()
+
+        async def watch(client):  # streams back to back, every event's time kept, until the refusals are done
+            while not refusing.is_set() or not stamps:
+                async with client.stream("POST", f"{url}/v1/chat/completions", json=small, headers=HEADERS) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            stamps.append(time.perf_counter())
+
+        async with httpx.AsyncClient(timeout=120) as client:
+            await client.post(f"{url}/v1/chat/completions", json={**small, "stream": False}, headers=HEADERS)  # compiles
+            watcher = asyncio.create_task(watch(client))
+            while len(stamps) < 3:
+                await asyncio.sleep(0.01)
+            start = time.perf_counter()
+            answers = await asyncio.gather(*(client.post(f"{url}/v1/chat/completions", content=huge, headers=HEADERS)
+                                             for _ in range(4)))  # fmt: skip
+            end = time.perf_counter()
+            refusing.set()
+            await watcher
+        during = [t for t in stamps if start <= t <= end] or [end]
+        window = [max([t for t in stamps if t < start], default=start), *during, min([t for t in stamps if t > end], default=end)]
+        return answers, max(b - a for a, b in zip(window, window[1:])), end - start
+
+    with running_server(model, max_batch=2, max_body_bytes=5 * 2**20) as (url, _, loop):
+        answers, gap, seconds = asyncio.run(main(url))
+    for answer in answers:
+        error = answer.json()["error"]
+        assert answer.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "messages"
+        assert "at least" in error["message"]
+    print(f"\n4 x 4 MB prompts refused in {seconds:.2f} s; another client's largest gap between events: {gap:.2f} s")
+    assert gap < 5
+
+
 def test_every_v1_route_needs_the_key(server):
     url = server[0]
     paths = httpx.get(f"{url}/openapi.json").json()["paths"]  # every route the app declares

@@ -25,6 +25,7 @@ from codellama_jax.convert import open_checkpoint
 from codellama_jax.serving.__main__ import served_name
 
 from conftest import KEY, NAME, PRICES, running_server, write_hf_checkpoint
+from openai_spec import validator
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
@@ -108,11 +109,101 @@ def test_n_streams_interleave_by_index(client):
     assert reasons == [c.finish_reason for c in whole.choices]
 
 
-def test_a_system_message_anywhere_counts_as_the_first(client):
+TODAYS_MESSAGES = {  # what current clients send, and the plain messages it means
+    "parts": ([{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there!"}]}],
+              [{"role": "user", "content": "Hello\nthere!"}]),
+    "developer": ([{"role": "developer", "content": "Be brief."}, *HELLO], [{"role": "system", "content": "Be brief."}, *HELLO]),
+    "name": ([{"role": "user", "name": "alice", "content": "Hello!"}], HELLO),
+    "two-systems": ([{"role": "system", "content": "Be brief."}, *HELLO,  # the 70B template takes these as sent
+                     {"role": "developer", "content": [{"type": "text", "text": "Use Python."}]},
+                     {"role": "user", "content": "Sort a list."}],
+                    [{"role": "system", "content": "Be brief."}, *HELLO, {"role": "system", "content": "Use Python."},
+                     {"role": "user", "content": "Sort a list."}]),
+    "two-users": ([*HELLO, {"role": "user", "content": "Sort a list."}],  # these it cannot: merged
+                  [{"role": "user", "content": "Hello!\n\nSort a list."}]),
+    "continue": ([*HELLO, {"role": "assistant", "content": [{"type": "text", "text": "Hi! I am"}]}],
+                 [*HELLO, {"role": "assistant", "content": "Hi! I am"}]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(TODAYS_MESSAGES))
+def test_messages_as_todays_clients_send_them(client, model, kind):
+    """Through the openai client: content parts, developer, name, any order, a final assistant
+    message (continued), max_completion_tokens; each answered as the plain messages it means."""
+    sent, plain = TODAYS_MESSAGES[kind]
+    reply = client.chat.completions.create(model=NAME, messages=sent, temperature=0.0, max_completion_tokens=8)
+    expected = chat(model, plain, temperature=0.0, max_tokens=8)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+
+
+def test_known_openai_fields_that_change_nothing_are_accepted(server):
+    body = {"model": NAME, "messages": HELLO, "temperature": 0.0, "max_tokens": 6}
+    ignored = {"store": True, "metadata": {"team": "a"}, "service_tier": "auto", "reasoning_effort": "low",
+               "verbosity": "low", "modalities": ["text"], "audio": None, "user": "u1", "safety_identifier": "s",
+               "prompt_cache_key": "k", "prediction": {"type": "content", "content": "Hi"},
+               "stream_options": None, "n": None, "top_p": None, "seed": None, "logit_bias": None}  # fmt: skip
+    plain = _post(server[0], json.dumps(body)).json()
+    loaded = _post(server[0], json.dumps({**body, **ignored})).json()
+    assert loaded["choices"][0]["message"] == plain["choices"][0]["message"]
+    streamed = _post(server[0], json.dumps({**body, "stream": True, "stream_options": {"include_usage": True,
+                                                                                      "include_obfuscation": True}}))  # fmt: skip
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+
+
+def test_bearer_is_case_insensitive_and_bodies_must_be_json(server):
+    url = server[0]
+    body = json.dumps({"model": NAME, "messages": HELLO, "max_tokens": 2})
+    for scheme in ("bearer", "BEARER", "Bearer "):
+        ok = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"Content-Type": "application/json",
+                        "Authorization": f"{scheme} {KEY}"}, timeout=60)  # fmt: skip
+        assert ok.status_code == 200, ok.text
+    plain = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=60,
+                       headers={"Content-Type": "text/plain", "Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert plain.status_code == 400 and "Content-Type: application/json" in plain.json()["error"]["message"]
+    broken = _post(url, '{"model": "x",')
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
+    docs = httpx.get(f"{url}/docs")
+    assert docs.status_code == 404 and "/openapi.json" in docs.json()["error"]["message"]
+
+
+def test_completions_of_several_prompts_and_token_ids(client, model):
+    prompts = ["def add(a, b):", "class Stack:"]
+    reply = client.completions.create(model=NAME, prompt=prompts, n=2, seed=4, max_tokens=6)
+    expected = generate(model, prompts, n=2, seed=4, max_tokens=6)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert [c.text for c in reply.choices] == [c.text for c in expected]
+    assert reply.usage.prompt_tokens == sum(c.prompt_tokens for c in expected if c.index == 0)
+    ids = model.tokenizer.encode("def add(a, b):", add_bos=True)
+    by_ids = client.completions.create(model=NAME, prompt=ids, temperature=0.0, max_tokens=6)
+    assert by_ids.choices[0].text == generate(model, [ids], temperature=0.0, max_tokens=6)[0].text
+
+
+def test_logprobs_carry_each_tokens_real_bytes(client, model):
+    """Emoji the tiny vocabulary spells in byte tokens: each token's bytes, joined, are the text's
+    UTF-8, and partial characters are `bytes:` tokens, all distinct keys in completions' top_logprobs."""
+    emoji = {"type": "json_schema", "json_schema": {"name": "e", "schema": {"const": "😀🚀 é"}}}
+    reply = client.chat.completions.create(model=NAME, messages=HELLO, response_format=emoji, logprobs=True,
+                                           top_logprobs=5, max_tokens=40)  # fmt: skip
+    choice = reply.choices[0]
+    assert choice.message.content == '"😀🚀 é"'
+    tokens = choice.logprobs.content
+    assert b"".join(bytes(t.bytes) for t in tokens) == choice.message.content.encode()
+    assert any(t.token.startswith("bytes:\\x") for t in tokens)
+    text = client.completions.create(model=NAME, prompt="😀", max_tokens=12, logprobs=5, seed=2)
+    tops = text.choices[0].logprobs.top_logprobs
+    assert all(len(top) == 5 for top in tops)  # partial characters no longer collide on one "\ufffd" key
+    assert all(not t.endswith("\ufffd") for top in tops for t in top)
+
+
+def test_a_system_message_is_rendered_where_the_template_allows(client, model):
+    """CodeLlama-70B's template (the test model's) takes a system message after the question as
+    sent, and one in mid-conversation, which it cannot express, moved first and merged."""
     system = {"role": "system", "content": "Be brief."}
-    first = client.chat.completions.create(model=NAME, messages=[system, *HELLO], temperature=0.0, max_tokens=6)
-    later = client.chat.completions.create(model=NAME, messages=[*HELLO, system], temperature=0.0, max_tokens=6)
-    assert later.choices[0].message.content == first.choices[0].message.content
+    for messages in ([*HELLO, system], [*HELLO, {"role": "assistant", "content": "Hi."}, system, *HELLO]):
+        reply = client.chat.completions.create(model=NAME, messages=messages, temperature=0.0, max_tokens=6)
+        expected = chat(model, messages, temperature=0.0, max_tokens=6)
+        assert (reply.choices[0].message.content, reply.usage.prompt_tokens) == (expected.text, expected.prompt_tokens)
 
 
 def test_models_and_completions(client, model):
@@ -284,18 +375,103 @@ def test_a_tool_result_sent_back_through_the_openai_client(client, model):
          400, "messages.1.tool_call_id"),
         (json.dumps({"model": NAME, "messages": [{"role": "user"}]}), 400, "messages.0.content"),
         (json.dumps({"model": NAME, "messages": [{"role": "user", "content": "x" * 2**20}]}), 413, None),
+        (json.dumps({"model": NAME, "messages": HELLO, "logit_bias": {"\u00b2": 1}}), 400, "logit_bias"),
+        (json.dumps({"model": NAME, "messages": HELLO, "logit_bias": {"9" * 5000: 1}}), 400, "logit_bias"),
+        (json.dumps({"model": NAME, "messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {
+                     "name": "loop", "schema": {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}}}}),
+         400, "response_format"),  # fmt: skip
+        (json.dumps({"model": NAME, "messages": HELLO, "max_tokens": 5, "max_completion_tokens": 6}), 400,
+         "max_completion_tokens"),
+        (json.dumps({"model": NAME, "messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, {
+                     "type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}), 400,
+         "messages.0.content.1"),  # fmt: skip
+        (json.dumps({"model": NAME, "messages": HELLO, "web_search_options": {}}), 400, "web_search_options"),
+        (json.dumps({"model": NAME, "messages": HELLO, "functions": [{"name": "f"}]}), 400, "functions"),
+        (json.dumps({"model": NAME, "messages": HELLO, "modalities": ["text", "audio"]}), 400, "modalities"),
+        (json.dumps({"model": NAME, "messages": HELLO, "tools": [{"type": "custom", "custom": {"name": "x"}}]}), 400,
+         "tools.0.type"),
+        (json.dumps({"model": NAME, "messages": "Hello!"}), 400, "messages"),
+        (json.dumps({"model": None, "messages": HELLO}), 400, "model"),
     ],
     ids=["malformed", "array", "no-messages", "empty-messages", "wrong-type", "top_k-range", "n-range",
          "stream_options-without-stream", "17-stops", "bias-range", "bias-vocab", "bias-key",
          "unknown-field", "nan", "order", "tools", "tool_choice-unknown", "tool_choice-without-tools",
-         "response_format-type", "schema-unsupported", "tool-without-call", "no-content", "too-large"],  # fmt: skip
+         "response_format-type", "schema-unsupported", "tool-without-call", "no-content", "too-large",
+         "bias-superscript-two", "bias-5000-digits", "schema-refers-to-itself", "two-max-tokens", "image-part",
+         "web-search", "functions", "audio-out", "custom-tool", "messages-string", "model-null"],  # fmt: skip
 )
 def test_bad_input_is_a_clear_openai_error(server, body, status, param):
-    response = _post(server[0], body)
-    assert response.status_code == status
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert error["param"] == param
+    url, engine = server
+    try:
+        as_stream = json.loads(body)
+    except ValueError:
+        as_stream = None
+    bodies = [body]
+    if isinstance(as_stream, dict) and "stream_options" not in as_stream:  # refused before a stream starts too
+        bodies.append(json.dumps({**as_stream, "stream": True}))
+    for sent in bodies:
+        response = _post(url, sent)
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert error["param"] == param and len(error["message"]) < 400, error  # short: no library's dump
+        assert engine.slots_in_use == 0 and engine.queue_depth == 0  # no slot taken
+
+
+def test_cors_only_for_the_allowed_origins(model):
+    with running_server(model, allowed_origins=["https://app.example"]) as (url, _, _):
+        preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+        answer = httpx.options(f"{url}/v1/chat/completions", headers=preflight)  # no key: browsers send none here
+        assert answer.status_code == 204 and answer.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert "POST" in answer.headers["Access-Control-Allow-Methods"]
+        assert "authorization" in answer.headers["Access-Control-Allow-Headers"]
+        headers = {"Origin": "https://app.example", "Authorization": f"Bearer {KEY}"}
+        reply = httpx.post(f"{url}/v1/chat/completions", headers=headers, json={"model": NAME, "messages": HELLO,
+                           "max_tokens": 2}, timeout=60)  # fmt: skip
+        assert reply.status_code == 200 and reply.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        other = httpx.options(f"{url}/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+        assert "Access-Control-Allow-Origin" not in other.headers and other.status_code == 401
+    with running_server(model) as (url, _, _):  # off by default
+        answer = httpx.options(f"{url}/v1/chat/completions", headers=preflight)
+        assert "Access-Control-Allow-Origin" not in answer.headers
+
+
+def test_requests_still_waiting_are_answered_at_once_when_draining(model):
+    """On SIGTERM (engine.drain) a request waiting for a slot gets a 503 with Retry-After, or an
+    error event then [DONE] for a stream already open, while the one decoding finishes."""
+    with running_server(model, max_batch=1) as (url, engine, _):
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+        long = {"model": NAME, "messages": HELLO, "max_tokens": 400, "temperature": 0.0, "stream": True,
+                "logit_bias": {"2": -100}}  # fmt: skip
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=long, headers=headers, timeout=60) as decoding:
+            lines = decoding.iter_lines()
+            while '"content": "' not in next(lines) or engine.slots_in_use == 0:
+                pass
+            answers: dict[str, httpx.Response] = {}
+
+            def send(kind):
+                body = {"model": NAME, "messages": HELLO, "max_tokens": 4, "stream": kind == "stream"}
+                answers[kind] = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+            waiting = [threading.Thread(target=send, args=(kind,)) for kind in ("whole", "stream")]
+            for t in waiting:
+                t.start()
+            while engine.queue_depth < 2:
+                time.sleep(0.01)
+            started = time.monotonic()
+            engine.drain()
+            for t in waiting:
+                t.join(timeout=30)
+            waited = time.monotonic() - started
+            rest = [line for line in lines if line]
+        assert answers["whole"].status_code == 503 and answers["whole"].headers["Retry-After"] == "5"
+        validator("ErrorResponse").validate(answers["whole"].json())
+        events = answers["stream"].text.split("\n\n")
+        assert events[-2:] == ["data: [DONE]", ""] and "another replica" in events[-3]
+        validator("ErrorResponse").validate(json.loads(events[-3].removeprefix("data: ")))
+        assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in "".join(rest)  # the decoding one finished
+        print(f"\nwaiting requests answered {waited:.2f} s after the drain began")
 
 
 def test_missing_key_and_openapi(server):
@@ -358,7 +534,7 @@ def test_the_command_line_server_starts_serves_drains_and_stops(tmp_path, sp_dir
     watchdog.start()
     url, headers = f"http://127.0.0.1:{port}", {"Authorization": "Bearer sk-other"}
     streams: dict[int, str] = {}
-    started = {n: threading.Event() for n in (16, 4000)}  # one ends in time, one cannot (1 s of drain)
+    started = {n: threading.Event() for n in (16, 4000, 4001)}  # one ends in time, two cannot (1 s of drain)
 
     def stream(max_tokens: int) -> None:
         body = {"model": "hf", "messages": HELLO, "max_tokens": max_tokens, "stream": True, "temperature": 0.0}
@@ -382,10 +558,17 @@ def test_the_command_line_server_starts_serves_drains_and_stops(tmp_path, sp_dir
         assert reply.usage.model_extra["estimated_cost"] == pytest.approx(reply.usage.prompt_tokens * 1.5 / 1e6)
 
         clients = [threading.Thread(target=stream, args=(n,)) for n in started]
-        for t in clients:
+        for t, event in zip(clients, started.values()):  # the third takes the slot the first leaves
             t.start()
-        for event in started.values():
             event.wait(timeout=60)
+        queued: list[httpx.Response] = []  # both slots are busy: this one waits for a slot
+        clients.append(threading.Thread(target=lambda: queued.append(httpx.post(
+            f"{url}/v1/chat/completions", json={"model": "hf", "messages": HELLO, "max_tokens": 4}, headers=headers,
+            timeout=60))))  # fmt: skip
+        clients[-1].start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/health").json()["queue_depth"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while httpx.get(f"{url}/health").status_code != 503 and time.monotonic() < deadline:
@@ -396,7 +579,7 @@ def test_the_command_line_server_starts_serves_drains_and_stops(tmp_path, sp_dir
         for t in clients:
             t.join(timeout=60)
     finally:
-        if not started[4000].is_set():  # the test failed before its own SIGTERM
+        if not started[4001].is_set():  # the test failed before its own SIGTERM
             proc.send_signal(signal.SIGTERM)
         rest = proc.stderr.read()
         proc.wait(timeout=60)
@@ -404,10 +587,25 @@ def test_the_command_line_server_starts_serves_drains_and_stops(tmp_path, sp_dir
     log = "".join(lines) + rest
     assert proc.returncode == 0, log
     assert "chat n=1 prompt=" in log and "alice" not in log and KEY not in log and "sk-other" not in log
-    finished, cut = streams[16], streams[4000]
+    assert queued[0].status_code == 503 and queued[0].headers["Retry-After"] == "5"  # answered at once, not held
+    finished = streams[16]
     assert '"finish_reason": "length"' in finished and finished.rstrip().endswith("data: [DONE]")
-    assert '"error"' in cut and "stopped" in cut and '"finish_reason": "' not in cut  # ended, not hung
-    assert "draining:" in log and "drain timeout: ending 1 requests" in log
+    for cut in (streams[4000], streams[4001]):
+        assert '"error"' in cut and "stopped" in cut and '"finish_reason": "' not in cut  # ended, not hung
+    assert "draining:" in log and "drain timeout: ending 2 requests" in log
+
+
+def test_a_port_in_use_is_an_error_at_once_naming_the_address(tmp_path):
+    """The socket is claimed before the model is read: the missing model is never reached."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "codellama_jax.serving", "--model", str(tmp_path / "absent"),
+                               "--port", str(port)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr, done.stderr
+    assert "absent" not in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("module", ["codellama_jax.serving", "codellama_jax.convert", "codellama_jax.plan"])

@@ -100,3 +100,18 @@ def test_structured_answers_of_a_real_model(smollm2):
     (call,) = weather.tool_calls
     assert weather.finish_reason == "tool_calls" and call.name == "get_weather"
     assert json.loads(call.arguments)["city"] == "Paris"
+
+
+CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time in a time zone",
+         "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 32}}, "required": ["zone"]}}}  # fmt: skip
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_the_demo_models_tool_answer_ends(smollm2, tool_choice):
+    """Asked for the weather with two tools, greedy, the demo model used to repeat its call until
+    max_tokens: a named tool is called once, and a repeated call ends the answer."""
+    reply = chat(smollm2, [{"role": "user", "content": "What is the weather in Paris?"}], temperature=0.0,
+                 max_tokens=120, tools=[WEATHER, CLOCK], tool_choice=tool_choice)  # fmt: skip
+    calls = [(c.name, c.arguments) for c in reply.tool_calls]
+    assert reply.finish_reason == "tool_calls" and len(set(calls)) == len(calls) and reply.completion_tokens < 120, reply
+    assert calls[0][0] == "get_weather" and json.loads(calls[0][1])["city"] == "Paris"

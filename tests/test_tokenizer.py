@@ -8,6 +8,7 @@ import sentencepiece as spm
 
 from codellama_jax import IncrementalDetokenizer
 from codellama_jax.convert import GGUFCheckpoint
+from codellama_jax.errors import ContextLengthExceeded
 from codellama_jax.tokenizer import SentencePieceTokenizer, load_tokenizer
 
 TEXTS = [
@@ -108,3 +109,43 @@ def test_prompt_ending_inside_a_character_loses_nothing(sp_tok):
     cut = next(i for i in range(len(ids)) if sp_tok.sp.is_byte(ids[i])) + 1  # after the emoji's first byte
     deltas, tail = _stream(sp_tok, ids[cut:], prompt_ids=ids[:cut])
     assert "".join(deltas) + tail == "😀"
+
+
+HARD = [" " * 300, "=" * 300 + "\n", "a" * 1000, "ﬁﬂ ＡＢＣ ① ｶﾞ e\u0301\u0301", "a      b\t\t\tc", "😀" * 50]
+
+
+@pytest.fixture(scope="module")
+def nfkc_tok(tmp_path_factory):
+    """A SentencePiece model that normalizes (NFKC, extra whitespace removed), as T5-style ones do."""
+    out = tmp_path_factory.mktemp("nfkc")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS * 50), model_prefix=str(out / "tokenizer"),
+                                   model_type="bpe", vocab_size=400, byte_fallback=True,
+                                   normalization_rule_name="nmt_nfkc", remove_extra_whitespaces=True,
+                                   character_coverage=1.0, minloglevel=2)  # fmt: skip
+    return load_tokenizer(out)
+
+
+@pytest.mark.parametrize("text", TEXTS + HARD)
+@pytest.mark.parametrize("which", ["sentencepiece", "byte-level", "nfkc"])
+def test_min_tokens_is_a_lower_bound(which, text, sp_tok, smol_tok, nfkc_tok):
+    tokenizer = {"sentencepiece": sp_tok, "byte-level": smol_tok, "nfkc": nfkc_tok}[which]
+    tokens = len(tokenizer.encode(text))
+    assert tokenizer.min_tokens(text) <= tokens and (tokenizer.min_tokens(text) > 0 or tokens == 0)
+
+
+def test_a_surely_too_long_prompt_is_refused_without_tokenizing(sp_tok, smol_tok, monkeypatch):
+    for tokenizer in (sp_tok, smol_tok):
+        monkeypatch.setattr(tokenizer, "_encode_plain", lambda text: pytest.fail("tokenized"))
+        with pytest.raises(ContextLengthExceeded, match="at least"):
+            tokenizer.encode("ab" * 1_900_000, limit=4096)
+        with pytest.raises(ContextLengthExceeded):
+            tokenizer.encode_with_specials("ab" * 1_900_000, limit=4096)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_piece_bytes_rebuild_the_text(text, sp_tok, smol_tok):
+    """Each token's exact bytes (a partial character included), joined, are the text's UTF-8."""
+    for tokenizer in (sp_tok, smol_tok):
+        ids = tokenizer.encode(text)
+        assert b"".join(tokenizer.piece_bytes(i) for i in ids) == tokenizer.decode(ids, continuation=True).encode()
+    assert sp_tok.piece_bytes(sp_tok.bos_id) is None  # a control token adds no text

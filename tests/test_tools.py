@@ -10,7 +10,8 @@ import jsonschema
 import pytest
 
 from codellama_jax import chat, generate, load, structured
-from codellama_jax.tools import ToolCallParser, parse, parse_tools, render_messages
+from codellama_jax.tokenizer import TextStream
+from codellama_jax.tools import RepeatedCall, ToolCallParser, parse, parse_tools, render_messages
 
 from conftest import write_hf_checkpoint
 
@@ -50,6 +51,7 @@ def test_whole_and_streamed_parses_agree():
             size = rng.randint(1, 9)
             _, deltas = parser.push(text[position : position + size])
             position += size
+            assert len({d.index for d in deltas}) == len(deltas)  # one part per call, as OpenAI streams them
             for d in deltas:
                 names.setdefault(d.index, d.name)
                 arguments[d.index] = arguments.get(d.index, "") + d.arguments
@@ -164,3 +166,39 @@ def test_a_tool_result_goes_back_to_the_model(model):
         chat(model, [*ASK, {"role": "tool", "tool_call_id": "call_x", "content": "?"}], max_tokens=4)
     with pytest.raises(ValueError, match="chat messages"):
         generate(model, ["plain text"], tools=[WEATHER])
+
+
+PARIS = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}</tool_call>'
+LYON = '<tool_call>{"name": "get_weather", "arguments": {"city": "Lyon", "unit": "celsius"}}</tool_call>'
+CET = '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>'
+
+
+@pytest.mark.parametrize(
+    "answer, shown",
+    [
+        (f" {PARIS}\n{CET}\n{PARIS}\n{LYON}", f" {PARIS}\n{CET}"),  # the repeat ends it, unseen
+        (f"{PARIS}\n{LYON}\n{LYON}", f"{PARIS}\n{LYON}"),  # same name, other arguments: a new call
+        (f"{PARIS}\n{PARIS[:40]}", f"{PARIS}\n{PARIS[:40]}"),  # cut off while it could still repeat: shown at the end
+    ],
+)
+def test_a_repeated_call_ends_the_answer_before_it_is_shown(model, answer, shown):
+    stream = TextStream(model.tokenizer, end=RepeatedCall())
+    released = []
+    for token in model.tokenizer.encode_continuation(answer):
+        released.append(stream.push(token))
+        assert shown.startswith(stream.text)  # nothing of a repeat is ever released
+    released.append(stream.finish())
+    assert "".join(released) == stream.text == shown
+    assert stream.stopped == (shown != answer)
+
+
+def test_a_named_tool_is_called_once_and_a_repeated_call_ends_the_turn(model):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for c in generate(model, [ASK], n=3, seed=0, max_tokens=250, tools=[WEATHER, CLOCK], tool_choice=named):
+        assert c.finish_reason == "tool_calls" and [t.name for t in c.tool_calls] == ["get_weather"], c
+    prompts = [ASK, [{"role": "user", "content": "Time?"}]]
+    for offered in ([CLOCK], [WEATHER, CLOCK]):  # greedy, this model calls get_time({"zone": "FJJ"}) again and again
+        for c in generate(model, prompts, temperature=0.0, max_tokens=250, tools=offered, tool_choice="required"):
+            calls = [(t.name, t.arguments) for t in c.tool_calls]
+            assert len(set(calls)) == len(calls), c
+            assert c.finish_reason == "tool_calls" or len(offered) == 2, c
