@@ -6,10 +6,10 @@ format, the `[INST]` format of CodeLlama 7B/13B/34B, or ChatML.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -87,36 +87,41 @@ class ChatTemplate:
         except (jinja2.TemplateError, TypeError) as e:
             raise RequestError(f"chat template: {e}", param="messages") from None
 
-    def prompt(self, messages: Sequence[Message]) -> str:
+    def prompt(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
         """The prompt text for a conversation in any order OpenAI accepts (see `plain_messages`):
         rendered as sent when the template can express it, else with its turns merged
-        (`merge_turns`); a final assistant message is continued (its text ends the prompt), any
-        other ends with the template's generation prompt."""
+        (`merge_turns`). A final assistant message is continued: the prompt ends with its text,
+        as transformers' `continue_final_message` renders it; any other ends with the template's
+        generation prompt (unless `add_generation_prompt` is False)."""
         messages = plain_messages(messages)
-        final = messages[-1]
-        if final["role"] == "assistant" and not final["content"].strip():  # nothing to continue: answer
+        check_messages(messages)
+        if messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():  # nothing to continue
             messages = messages[:-1]
+        if not messages:
+            raise RequestError("there is nothing to answer: the only message is an empty assistant message",
+                               param="messages")  # fmt: skip
         continued = messages[-1]["role"] == "assistant"
+        if continued:  # a mark right after its text, to cut the template's closing text at (as transformers does)
+            messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + _END + " "}]
+        generation_prompt = add_generation_prompt and not continued
         try:
-            text = self.render(messages, add_generation_prompt=not continued)
+            text = self.render(messages, add_generation_prompt=generation_prompt)
         except RequestError:
             merged = merge_turns(messages)
             if merged == messages:
                 raise
-            text = self.render(merged, add_generation_prompt=not continued)
+            text = self.render(merged, add_generation_prompt=generation_prompt)
         if not continued:
             return text
-        content = messages[-1]["content"]
-        end = text.rfind(content)
-        if end < 0:  # templates may trim the content
-            content = content.strip()
-            end = text.rfind(content)
+        end = text.rfind(_END)
         if end < 0:
-            raise RequestError("the chat template does not reproduce the final assistant message, so it cannot be "
-                               "continued", param="messages")  # fmt: skip
-        return text[: end + len(content)]
+            raise RequestError("the chat template does not show the final assistant message, so it cannot be continued",
+                               param="messages")  # fmt: skip
+        return text[:end] if text.startswith(" ", end + 1) else text[:end].rstrip()  # a template that trims: trimmed
 
-    def encode(self, tokenizer: Tokenizer, messages: Sequence[Message], limit: int | None = None) -> list[int]:
+    def encode(
+        self, tokenizer: Tokenizer, messages: Sequence[Message], *, add_generation_prompt: bool = True, limit: int | None = None
+    ) -> list[int]:
         """Prompt token ids (`prompt`): the template's special tokens become control tokens, while
         text the messages brought in (even `<s>` or `<step>` typed by a user) stays plain text.
         A prompt that surely has `limit` tokens or more is refused before it is tokenized.
@@ -125,7 +130,7 @@ class ChatTemplate:
         rendering, so only the template's own text can match a control token; the placeholders
         are then swapped back and marked as plain text for the tokenizer."""
         originals: list[str] = []
-        pattern = re.compile("|".join(map(re.escape, sorted([*tokenizer.special_tokens, _MARK], key=len, reverse=True))))
+        pattern = re.compile("|".join(map(re.escape, sorted([*tokenizer.special_tokens, _MARK, _END], key=len, reverse=True))))
 
         def escape(value):
             if not isinstance(value, str):
@@ -133,7 +138,7 @@ class ChatTemplate:
             return pattern.sub(lambda m: originals.append(m.group()) or f"{_MARK}{len(originals) - 1}{_MARK}", value)
 
         escaped = [{k: v if k == "role" else escape(v) for k, v in m.items()} for m in plain_messages(messages)]
-        rendered = self.prompt(escaped)
+        rendered = self.prompt(escaped, add_generation_prompt=add_generation_prompt)
         text, plain_spans = [], []
         length = 0
         for i, piece in enumerate(re.split(f"{_MARK}(\\d+){_MARK}", rendered)):
@@ -147,6 +152,7 @@ class ChatTemplate:
 
 ROLES = ("system", "user", "assistant", "tool")
 _MARK = "\ue000"  # private use: brackets the placeholders of special-token text in messages
+_END = "\ue001"  # private use: marks where a continued message's text ends
 
 
 def check_messages(messages: Sequence[Message]) -> None:
@@ -177,6 +183,8 @@ def plain_messages(messages: Sequence[Message]) -> list[dict]:
         if m.get("role") == "developer":
             m["role"] = "system"
         if isinstance(m.get("content"), (list, tuple)):
+            if not m["content"]:
+                raise RequestError(f"messages[{i}].content has no parts", param=f"messages.{i}.content")
             m["content"] = "\n".join(_part_text(part, f"messages.{i}.content.{j}") for j, part in enumerate(m["content"]))
         out.append(m)
     return out
@@ -216,7 +224,7 @@ def default_template_name(tokenizer: Tokenizer) -> str:
     return "codellama-inst"
 
 
-@lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson

@@ -315,7 +315,7 @@ class Engine:
                 for row in e.rows:
                     handle = self._slots[row]
                     self._free(row)
-                    handle._put(RuntimeError(str(e)))
+                    handle._put(RequestError(str(e), param=handle.constraint.param))  # the request's grammar
                 self._sampling = self._sampling_arrays()
                 return
         self._state = decode_loop(

@@ -216,6 +216,9 @@ def prompt_ids(model: Model, prompt: Prompt, tools: tool_calls.Tools | None = No
     if tools is not None and not is_chat:
         raise RequestError("tools need chat messages as the prompt", param="messages")
     if is_chat:
+        if prompt[-1].get("role") == "assistant" and prompt[-1].get("tool_calls"):
+            raise RequestError("a final assistant message with tool_calls cannot be continued: send the tools' results "
+                               "as tool messages", param=f"messages.{len(prompt) - 1}")  # fmt: skip
         messages = tool_calls.render_messages(chat_template.plain_messages(prompt), tools)
         return model.chat_template.encode(_tokenizer(model), messages, limit=limit)
     if isinstance(prompt, str):
@@ -242,7 +245,7 @@ def output_grammar(
         if tools is not None and asked is not None:
             raise RequestError("response_format cannot be combined with tools; give one or the other", param="response_format")
         source = tools.grammar() if tools is not None else asked
-        return None if source is None else structured.compile_grammar(model, source)
+        return None if source is None else structured.compile_grammar(model, source, "tools" if tools is not None else "response_format")
     except RequestError:
         raise
     except ValueError as e:
@@ -319,7 +322,10 @@ class Batch:
         model, allowed = self.model, self.all_allowed
         if self.constraints is not None:
             max_steps = 1
-            allowed = sharding.put(structured.fill_bitmask(self.constraints, model.config.vocab_size), model.mesh)
+            try:
+                allowed = sharding.put(structured.fill_bitmask(self.constraints, model.config.vocab_size), model.mesh)
+            except structured.ConstraintError as e:  # the request's grammar cannot be followed
+                raise RequestError(str(e), param=self.constraints[e.rows[0]].param) from None
         self.state = decode_loop(
             model.graphdef, model.mesh, None, model.params, self.state, self.sampling, self.stop_ids, allowed, max_steps
         )

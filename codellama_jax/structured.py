@@ -10,6 +10,7 @@ The model's stop tokens are the grammar's end: they are allowed only where the g
 
 from __future__ import annotations
 
+import re
 import threading
 import weakref
 from typing import Any, Mapping, Sequence
@@ -31,10 +32,50 @@ _executor = llguidance.LLExecutor()
 
 
 def json_schema_grammar(schema: Mapping[str, Any]) -> str:
-    """The grammar of JSON that validates against `schema`."""
+    """The grammar of JSON that validates against `schema` (a ValueError if no value can)."""
     if not isinstance(schema, Mapping):
         raise ValueError("a JSON schema must be an object")
+    check_satisfiable(schema)
     return llguidance.LLMatcher.grammar_from_json_schema(dict(schema), overrides=JSON_OPTIONS)
+
+
+def check_satisfiable(schema: Mapping[str, Any]) -> None:
+    """A ValueError when no JSON value satisfies `schema` because a definition can only be built
+    from itself (`{"$ref": "#/$defs/a"}` as `a`, an object that requires a property of its own
+    type, ...): llguidance accepts such grammars and fails only while decoding. A least fixpoint:
+    a definition is satisfiable once some finite value of it is known."""
+    defs = {f"#/{where}/{name}": node for where in ("$defs", "definitions")
+            for name, node in (schema.get(where) if isinstance(schema.get(where), Mapping) else {}).items()}  # fmt: skip
+    defs["#"] = schema
+    known = dict.fromkeys(defs, False)
+
+    def satisfiable(node: Any) -> bool:
+        if not isinstance(node, Mapping):
+            return node is not False
+        if isinstance(node.get("$ref"), str) and not known.get(node["$ref"], True):
+            return False
+        if not all(satisfiable(x) for x in node.get("allOf", [])):
+            return False
+        if any(key in node and not any(satisfiable(x) for x in node[key]) for key in ("anyOf", "oneOf")):
+            return False
+        kinds = [node["type"]] if isinstance(node.get("type"), str) else node.get("type")
+        if kinds == ["object"]:
+            properties = node.get("properties") or {}
+            return all(satisfiable(properties.get(name, True)) for name in node.get("required", []))
+        if kinds == ["array"]:
+            prefix, needed = node.get("prefixItems", []), node.get("minItems", 0)
+            return all(map(satisfiable, prefix[:needed])) and (needed <= len(prefix) or satisfiable(node.get("items", True)))
+        return True
+
+    try:
+        while found := [name for name, node in defs.items() if not known[name] and satisfiable(node)]:
+            known.update(dict.fromkeys(found, True))
+    except (TypeError, AttributeError, RecursionError):  # malformed: llguidance's validation says what is wrong
+        return
+    if not known["#"]:
+        circular = [name for name, ok in known.items() if not ok and name != "#"]
+        raise ValueError(f"no JSON value satisfies this schema: {', '.join(circular) or 'it'} can only be built "
+                         "from itself")  # fmt: skip
 
 
 def lark_grammar(source: str) -> str:
@@ -115,11 +156,12 @@ def check_grammar(source: str, vocab: llguidance.LLTokenizer | None = None) -> N
 
 class Grammar:
     """A grammar checked against a model's vocabulary; `constraint()` starts one row's matcher
-    (a copy of one built here, so that requests do not rebuild the grammar)."""
+    (a copy of one built here, so that requests do not rebuild the grammar). `param` is the
+    request field it comes from, named when the grammar cannot be followed."""
 
-    def __init__(self, source: str, vocab: llguidance.LLTokenizer):
+    def __init__(self, source: str, vocab: llguidance.LLTokenizer, param: str = "response_format"):
         check_grammar(source, vocab)
-        self.source = source
+        self.source, self.param = source, param
         self._start = llguidance.LLMatcher(vocab, source, log_level=0)
         try:  # a grammar with no sentence at all (a $ref to itself) fails its very first mask
             first = fill_bitmask([self.constraint()], vocab.vocab_size)
@@ -129,24 +171,24 @@ class Grammar:
             raise ValueError("the grammar admits no output at all")
 
     def constraint(self) -> Constraint:
-        return Constraint(self._start.deep_copy())
+        return Constraint(self._start.deep_copy(), self.param)
 
 
-def compile_grammar(model, source: str) -> Grammar:
+def compile_grammar(model, source: str, param: str = "response_format") -> Grammar:
     """`source` (from `json_schema_grammar`, `lark_grammar`, ...) for `model`'s vocabulary; a
     schema feature or grammar construct llguidance cannot enforce is a ValueError naming it."""
     if model.tokenizer is None:
         raise ValueError("constrained decoding needs the model's tokenizer; this checkpoint has none")
     if not model.stop_token_ids:
         raise ValueError("constrained decoding needs the model's stop tokens; its config names none")
-    return Grammar(source, vocabulary(model.tokenizer, model.config.vocab_size, model.stop_token_ids))
+    return Grammar(source, vocabulary(model.tokenizer, model.config.vocab_size, model.stop_token_ids), param)
 
 
 class Constraint:
     """One row's place in its grammar."""
 
-    def __init__(self, matcher: llguidance.LLMatcher):
-        self.matcher = matcher
+    def __init__(self, matcher: llguidance.LLMatcher, param: str = "response_format"):
+        self.matcher, self.param = matcher, param
 
     def advance(self, token_id: int) -> None:
         """Consumes the row's sampled token (always one the mask allowed)."""
@@ -184,8 +226,10 @@ def fill_bitmask(constraints: Sequence[Constraint | None], vocab_size: int) -> n
     return bitmask_BW
 
 
-def _short(message: str, limit: int = 200) -> str:
-    """llguidance's first line, without the parser state and grammar it may dump after it."""
-    line = message.strip().split("\n", 1)[0]
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+def _short(message: str, limit: int = 300) -> str:
+    """llguidance's message without the parser state and grammar it may dump after it, on one line."""
+    text = " ".join(message.split("\n<", 1)[0].split())
+    if re.fullmatch(r"\w+", text):  # a bare stop reason, such as NoExtensionBias
+        text = f"the grammar allows no further token here ({text})"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 

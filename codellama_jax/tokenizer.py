@@ -86,7 +86,10 @@ class Tokenizer:
     def min_tokens(self, text: str) -> int:
         """A lower bound on the number of tokens of `text`, found without tokenizing it (linear
         and cheap, to refuse what cannot fit before paying for it): no token covers more
-        characters of the text, as the tokenizer normalizes it, than its longest piece has."""
+        characters of the text, as the tokenizer normalizes it, than its longest piece has. It
+        holds where every character is spelled by vocabulary pieces (byte-level or byte-fallback
+        vocabularies: Llama's, CodeLlama's, GPT-2-style ones); elsewhere a run of unknown
+        characters can fuse into one `<unk>`, and the bound is 0."""
         length = self._normalized_length(text)
         return -(-length // self._longest_piece) if length else 0
 
@@ -128,6 +131,7 @@ class SentencePieceTokenizer(Tokenizer):
         spec = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
         self._dummy_prefix = spec.normalizer_spec.add_dummy_prefix
         self._identity = spec.normalizer_spec.name == "identity" and not spec.normalizer_spec.remove_extra_whitespaces
+        self._byte_fallback = spec.trainer_spec.byte_fallback
         spec.normalizer_spec.add_dummy_prefix = False
         self._sp_continuation = spm.SentencePieceProcessor(model_proto=spec.SerializeToString())
         self._user_defined = {i for i, p in enumerate(spec.pieces) if p.type == p.USER_DEFINED}
@@ -186,6 +190,8 @@ class SentencePieceTokenizer(Tokenizer):
         return max(map(len, [*pieces, *self.added_tokens]))
 
     def _normalized_length(self, text: str) -> int:
+        if not self._byte_fallback:
+            return 0
         return len(text) if self._identity else len(self.sp.normalize(text))
 
     def _spelled(self, piece: str) -> list[int]:
@@ -285,18 +291,24 @@ class HFTokenizer(Tokenizer):
         return max(map(len, self.tok.get_vocab(with_added_tokens=True)))
 
     @functools.cached_property
-    def _drops_text(self) -> bool:
-        """A pre-tokenizer that removes characters (BERT's whitespace splitting): no length bound."""
-        found = re.findall(r'"(?:type|behavior)": ?"(\w+)"', json.dumps(json.loads(self.tok.to_str()).get("pre_tokenizer")))
-        return bool({"Whitespace", "WhitespaceSplit", "BertPreTokenizer", "CharDelimiterSplit", "Removed"} & set(found))
+    def _bounded(self) -> bool:
+        """A BPE whose every character has pieces (byte-level, or byte fallback) and whose
+        pre-tokenizer keeps every character (BERT's whitespace splitting does not)."""
+        spec = json.loads(self.tok.to_str())
+        found = set(re.findall(r'"(?:type|behavior)": ?"(\w+)"', json.dumps(spec.get("pre_tokenizer"))))
+        drops = {"Whitespace", "WhitespaceSplit", "BertPreTokenizer", "CharDelimiterSplit", "Removed"} & found
+        model = spec.get("model") or {}
+        return model.get("type") == "BPE" and (model.get("byte_fallback") or "ByteLevel" in found) and not drops
 
     def _normalized_length(self, text: str) -> int:
-        if self._drops_text:
+        if not self._bounded:
             return 0
         return len(self.tok.normalizer.normalize_str(text)) if self.tok.normalizer is not None else len(text)
 
     def _encode_plain(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        # encode_batch lets go of the GIL while it works (encode holds it: 0.25 s for 600 kB), so a
+        # long prompt tokenized in a worker thread does not stall the server's event loop
+        return self.tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def _decode(self, ids: list[int], continuation: bool) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
@@ -363,7 +375,8 @@ class IncrementalDetokenizer:
 class OutputEnd(Protocol):
     """A rule, beside stop strings, that ends an output from its text (`tools.RepeatedCall`): fed
     the text in order, it says where the output ends (`end`) and from where text must be held
-    back until it knows (`hold`), both offsets into all the text fed, or None."""
+    back until it knows (`hold`; dropped if the output ends first), offsets into all the text
+    fed, or None."""
 
     end: int | None
     hold: int | None
@@ -411,10 +424,11 @@ class TextStream:
             if start + keep > self._ended:
                 self.end.feed(self._pending[self._ended - start : keep])
                 self._ended = start + keep
-            if self.end.end is not None and self.end.end - start <= keep:
-                keep = release = max(self.end.end - start, 0)
+            cut = self.end.end if self.end.end is not None else self.end.hold if final else None
+            if cut is not None and cut - start <= keep:  # ended there (at the end, what was held is dropped)
+                keep = release = max(cut - start, 0)
                 found = [keep]
-            elif self.end.hold is not None and not final:
+            elif self.end.hold is not None:
                 release = min(release, max(self.end.hold - start, 0))
         if found:
             out, self._pending, self.stopped = self._pending[:keep], "", True

@@ -18,6 +18,7 @@ What the model sees and writes:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import re
@@ -199,9 +200,11 @@ def _call_text(i: int, j: int, call: Any, names: dict[str, str]) -> str:
                            '"arguments": ...}}}}', param=param)  # fmt: skip
     try:
         arguments = json.loads(function.get("arguments") or "{}")
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, ValueError, RecursionError):
+        arguments = None
+    if not isinstance(arguments, dict):
         raise RequestError(f"{where}.function.arguments must be a JSON object as a string",
-                           param=f"{param}.function.arguments") from None  # fmt: skip
+                           param=f"{param}.function.arguments")  # fmt: skip
     names[call["id"]] = function["name"]
     return OPEN + structured_json({"name": function["name"], "arguments": arguments}) + CLOSE
 
@@ -318,28 +321,38 @@ class RepeatedCall:
     name, same arguments): small models often call one tool again and again until max_tokens.
     Fed the answer's text as it is decoded (a `TextStream`'s `end`); `end` is where the repeat
     begins, and while the text after the last whole call could still become a repeat, `hold`
-    says where it starts, so that it is not shown before it is known."""
+    says where it starts, so that it is not shown before it is known (nor at all, if the answer
+    ends there)."""
 
     def __init__(self):
         self.end: int | None = None
         self.hold: int | None = None
         self._text = ""
         self._parser = ToolCallParser()
+        self._whole = 0  # the parser's calls compared so far
+        self._calls: list[str] = []  # their text, sorted, to look up prefixes
+        self._after: int | None = None  # where the last whole call ends
 
     def feed(self, text: str) -> None:
         if self.end is not None:
             return
         self._text += text
         self._parser.push(text)
-        whole = [(start, end) for start, end in self._parser.spans if end >= 0]
-        calls = [self._text[start:end].lstrip() for start, end in whole]
-        for k in range(1, len(calls)):
-            if calls[k] in calls[:k]:
-                self.end, self.hold = whole[k][0], None
+        spans = self._parser.spans
+        while self._whole < len(spans) and spans[self._whole][1] >= 0:
+            start, stop = spans[self._whole]
+            call = self._text[start:stop].lstrip()
+            i = bisect.bisect_left(self._calls, call)
+            if i < len(self._calls) and self._calls[i] == call:
+                self.end, self.hold = start, None
                 return
-        after = whole[-1][1] if whole else None
-        rest = self._text[after:].lstrip() if after is not None else None
-        self.hold = after if rest is not None and any(c.startswith(rest) for c in calls) else None
+            self._calls.insert(i, call)
+            self._whole, self._after = self._whole + 1, stop
+        if self._after is None:
+            return
+        rest = self._text[self._after :].lstrip()
+        i = bisect.bisect_left(self._calls, rest)
+        self.hold = self._after if i < len(self._calls) and self._calls[i].startswith(rest) else None
 
 
 def answer_end(tools: Tools | None) -> RepeatedCall | None:

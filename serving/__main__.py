@@ -19,6 +19,7 @@ from codellama_jax import demo_model
 from codellama_jax.checkpoint import FORMAT_FILE
 
 ENV_API_KEYS = "CODELLAMA_API_KEYS"
+LISTEN_BACKLOG = 1024
 DEFAULT_CACHE = Path(os.environ.get("CODELLAMA_CACHE", Path.home() / ".cache" / "codellama-jax"))
 
 log = logging.getLogger("codellama_jax.serving")
@@ -55,16 +56,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def claim(host: str, port: int) -> socket.socket:
-    """The server's socket, bound (not yet listening) before anything slow happens, so that a
-    port in use is an error within seconds, not after loading; an OSError names the address."""
+    """The server's socket, listening before anything slow happens: a port in use is an error
+    within seconds, not after loading, and no second server takes it meanwhile (an OSError names
+    the address). Connections that arrive while the model loads wait until it is served."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as e:
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
+
+
+def url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def api_keys(key_file: Path | None) -> tuple[str, ...]:
@@ -153,16 +161,14 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
             return 0
         hyper = Config()
         hyper.accesslog = None
+        hyper.backlog = LISTEN_BACKLOG
         hyper.graceful_timeout = 5  # for responses to flush once the engine is done
-        try:
-            sock.listen(hyper.backlog)
-        except OSError as e:
-            raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+        address = url(sock)
         hyper.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the socket from here
         shutdown = asyncio.Event()
         server = asyncio.create_task(serve(app, hyper, shutdown_trigger=shutdown.wait))
-        log.info("serving %r on http://%s:%d (%d slots, %s)", config.served_model_name, args.host, args.port,
-                 engine.max_batch, "API keys required" if keys else "no API keys")  # fmt: skip
+        log.info("serving %r on %s (%d slots, %s)", config.served_model_name, address, engine.max_batch,
+                 "API keys required" if keys else "no API keys")  # fmt: skip
         await asyncio.wait([server, asyncio.create_task(signalled.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not server.done():
             await drain(app, engine, args.drain_timeout)

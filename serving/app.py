@@ -15,14 +15,17 @@ import hashlib
 import hmac
 import json
 import logging
+import os
+import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import ValidationError
 from quart import Quart, Response, request
-from quart_schema import QuartSchema, RequestSchemaValidationError, validate_request
+from quart_schema import QuartSchema, document_request
 from werkzeug.exceptions import HTTPException
 
 from codellama_jax import generation, tools
@@ -31,7 +34,7 @@ from codellama_jax.errors import ContextLengthExceeded, RequestError
 from codellama_jax.loader import Model
 
 from . import protocol
-from .protocol import ChatCompletionRequest, CompletionRequest, ProtocolError
+from .protocol import ChatCompletionRequest, CompletionRequest, ProtocolError, Strict
 
 log = logging.getLogger("codellama_jax.serving")
 
@@ -72,6 +75,12 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
     metrics = Metrics(engine)
     started = protocol.now()
     app.asgi_app = OpenRequests(app.asgi_app)
+    workers = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2), thread_name_prefix="codellama-requests")
+
+    async def off_loop(fn, *args):
+        """A request's CPU work (body checks, templates, tokenizers, grammars) off the event loop, on
+        half the cores at most, so that streams keep flowing and the engine keeps the other half."""
+        return await asyncio.get_running_loop().run_in_executor(workers, fn, *args)
 
     def fail(status: int, message: str, retry_after: int | None = None, **fields) -> Response:
         response = Response(json.dumps(protocol.error_body(message, **fields)), status=status, content_type="application/json")
@@ -86,7 +95,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
     @app.before_request
     async def admit():
         """CORS preflights first (browsers send them without keys); then API keys on every /v1
-        route; while draining, no new generation; bodies that are not JSON objects refused."""
+        route; while draining, no new generation; bodies must say they are JSON."""
         if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method") and allowed_origin():
             response = Response("", status=204)
             response.headers.update({
@@ -108,9 +117,6 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             if request.mimetype != "application/json":
                 return fail(400, f"the body must be JSON sent with 'Content-Type: application/json' (got "
                             f"{request.mimetype or 'no Content-Type'!r})")  # fmt: skip
-            problem = await asyncio.to_thread(_unreadable, await request.get_data())
-            if problem:
-                return fail(400, f"malformed request body: {problem}")
         return None
 
     @app.after_request
@@ -123,14 +129,11 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             response.vary.add("Origin")
         return response
 
-    @app.errorhandler(RequestSchemaValidationError)
-    async def invalid(error: RequestSchemaValidationError):
-        e = error.validation_error
-        if isinstance(e, ValidationError) and e.errors():
-            first = e.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            return fail(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
-        return fail(400, f"the request body is not a valid JSON object: {e}")
+    @app.errorhandler(ValidationError)
+    async def invalid(e: ValidationError):
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if not _UNION_BRANCH.fullmatch(str(p))) or None
+        return fail(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
 
     @app.errorhandler(ProtocolError)
     async def refused(e: ProtocolError):
@@ -144,8 +147,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
 
     @app.errorhandler(HTTPException)
     async def http_error(e: HTTPException):
-        messages = {400: "malformed request body: expected a JSON object", 413: "request body too large",
-                    404: f"no route {request.path} (the API is described at /openapi.json)",
+        messages = {413: "request body too large", 404: f"no route {request.path} (the API is described at /openapi.json)",
                     405: f"{request.method} is not allowed on {request.path}"}  # fmt: skip
         return fail(e.code or 500, messages.get(e.code, e.description or e.name))
 
@@ -259,7 +261,10 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
                         first = False
                     if isinstance(chunk, BaseException):
                         (log.warning if isinstance(chunk, EngineStopped) else log.error)("stream %s ended: %s", ident, chunk)
-                        yield f"data: {json.dumps(protocol.error_body(str(chunk), type='server_error'))}\n\n"
+                        refused = isinstance(chunk, RequestError)  # the request's own doing (its grammar)
+                        error = protocol.error_body(str(chunk), type="invalid_request_error" if refused else "server_error",
+                                                    param=chunk.param if refused else None)  # fmt: skip
+                        yield f"data: {json.dumps(error)}\n\n"
                         break
                     completion_tokens[index] = chunk.completion_tokens
                     text, calls, reason, parser = chunk.text, [], chunk.finish_reason, parsers[index]
@@ -298,30 +303,37 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
 
     @app.post("/v1/chat/completions")
     @app.post("/v1/openai/chat/completions")
-    @validate_request(ChatCompletionRequest)
-    async def chat_completions(data: ChatCompletionRequest):
-        check_model(data.model)
-        data.check()
-
-        def prepare():  # templates, tokenizers and grammars are CPU work: off the event loop
-            offered = data.offered_tools()
-            ids = generation.prompt_ids(model, data.chat_messages(), offered, limit=engine.max_len)
-            return offered, ids, generation.output_grammar(model, data.response_format, offered)
-
-        offered, prompt_ids, grammar = await asyncio.to_thread(prepare)
-        return await respond(data, [prompt_ids], "chat", grammar, offered)
-
-    @app.post("/v1/completions")
-    @app.post("/v1/openai/completions")
-    @validate_request(CompletionRequest)
-    async def completions(data: CompletionRequest):
+    @document_request(ChatCompletionRequest)
+    async def chat_completions():
+        data = await off_loop(_read, ChatCompletionRequest, await request.get_data())
         check_model(data.model)
         data.check()
 
         def prepare():
-            return [generation.prompt_ids(model, p, limit=engine.max_len) for p in data.prompts()]
+            offered = data.offered_tools()
+            ids = generation.prompt_ids(model, data.chat_messages(), offered, limit=engine.max_len)
+            return offered, ids, generation.output_grammar(model, data.response_format, offered)
 
-        return await respond(data, await asyncio.to_thread(prepare), "text")
+        offered, prompt_ids, grammar = await off_loop(prepare)
+        return await respond(data, [prompt_ids], "chat", grammar, offered)
+
+    @app.post("/v1/completions")
+    @app.post("/v1/openai/completions")
+    @document_request(CompletionRequest)
+    async def completions():
+        data = await off_loop(_read, CompletionRequest, await request.get_data())
+        check_model(data.model)
+        data.check()
+
+        prompts = data.prompts()
+        if len(prompts) > engine.max_queue:  # each prompt waits in the queue as a request of its own
+            raise ProtocolError(f"{len(prompts)} prompts in one request; this server queues at most {engine.max_queue}",
+                                param="prompt")  # fmt: skip
+
+        def prepare():
+            return [generation.prompt_ids(model, p, limit=engine.max_len) for p in prompts]
+
+        return await respond(data, await off_loop(prepare), "text")
 
     @app.get("/v1/models")
     @app.get("/v1/openai/models")
@@ -359,27 +371,38 @@ class OpenRequests:
 
 
 MAX_JSON_DEPTH = 256
+_UNION_BRANCH = re.compile(r"str|int|float|bool|.*\[.*")  # pydantic names the member of a union in `loc`
 
 
-def _unreadable(body: bytes) -> str | None:
-    """What makes a body unreadable before the schema sees it (invalid UTF-8, JSON nested deeper
-    than MAX_JSON_DEPTH, strings with lone surrogates no tokenizer can encode), or None; malformed
-    JSON is left to the schema validation's own error."""
+def _read(model_class: type[Strict], body: bytes) -> Strict:
+    """The body as a request model (a ProtocolError or pydantic's ValidationError if it is not
+    one): parsing and validating a large body is CPU work, done off the event loop."""
+    return model_class.model_validate(_json_object(body))
+
+
+def _json_object(body: bytes) -> dict:
+    """The body's JSON object; a ProtocolError says what makes it unreadable: invalid UTF-8 or
+    JSON, not an object, nested deeper than MAX_JSON_DEPTH, a string with a lone surrogate (no
+    tokenizer can encode it)."""
+
+    def malformed(problem: str) -> ProtocolError:
+        return ProtocolError(f"malformed request body: {problem}")
+
     try:
         value = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as e:
-        return f"not valid UTF-8 at byte {e.start}"
+        raise malformed(f"not valid UTF-8 at byte {e.start}") from None
     except RecursionError:
-        return f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+        raise malformed(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as e:
-        return f"not valid JSON: {e}"
+        raise malformed(f"not valid JSON: {e}") from None
     if not isinstance(value, dict):
-        return f"the body must be a JSON object, got {type(value).__name__}"
+        raise malformed(f"the body must be a JSON object, got {type(value).__name__}")
     pending = [(value, 1)]
     while pending:
         item, depth = pending.pop()
         if depth > MAX_JSON_DEPTH:
-            return f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+            raise malformed(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         if isinstance(item, dict):
             pending += [(x, depth + 1) for x in (*item.keys(), *item.values())]
         elif isinstance(item, list):
@@ -388,8 +411,8 @@ def _unreadable(body: bytes) -> str | None:
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
-                return "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff)"
-    return None
+                raise malformed("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff)") from None
+    return value
 
 
 def _unavailable(e: EngineStopped) -> ProtocolError:

@@ -21,9 +21,18 @@ Json = dict[str, Any]
 
 
 class Strict(BaseModel):
-    """No coercion between types, no NaN or infinity, no unknown fields."""
+    """No coercion between types, no NaN or infinity, no unknown fields; a null is the field's
+    default (as OpenAI takes it), except for a required field."""
 
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+        return data
 
 
 class FunctionCall(Strict):
@@ -60,7 +69,7 @@ def _field(name: str, default):
 
 
 class Sampling(Strict):
-    """Fields shared by chat and text completions. A null is the field's default, as OpenAI takes it."""
+    """Fields shared by chat and text completions."""
 
     model: str
     stream: bool = False
@@ -78,14 +87,6 @@ class Sampling(Strict):
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
     user: str | None = None  # logged as a hash
     stream_options: StreamOptions | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None or cls.model_fields.get(k, None) is None
-                    or cls.model_fields[k].is_required()}  # fmt: skip
-        return data
 
     def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:

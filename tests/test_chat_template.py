@@ -197,3 +197,31 @@ def test_content_parts_developer_and_name():
     with pytest.raises(RequestError, match="text only") as refused:
         template.prompt(image)
     assert refused.value.param == "messages.0.content.1"
+
+
+@pytest.mark.parametrize("template, final", [("smollm2", "d"), ("smollm2", ">"), ("smollm2", "def f():\n    "),
+                                             ("codellama-70b", "step"), ("codellama-70b", "  Sure:  ")])
+def test_a_continued_message_ends_where_its_text_does(template, final, smollm2_template, hf_tokenizer):
+    """Text that also occurs in the template's own closing text (`<|im_end|>`, ` <step> `) does
+    not move the cut: the prompt is exactly what transformers renders."""
+    source = smollm2_template if template == "smollm2" else BUILTIN_TEMPLATES[template]
+    messages = [{"role": "user", "content": "Go on."}, {"role": "assistant", "content": final}]
+    expected = hf_tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
+                                                continue_final_message=True)  # fmt: skip
+    ours = ChatTemplate(source, bos_token="<s>", eos_token="</s>").prompt(messages)
+    assert ours == expected and ours.rstrip().endswith(final.strip())
+
+
+@pytest.mark.parametrize(
+    "messages, param",
+    [
+        ([{"role": "assistant", "content": ""}], "messages"),  # nothing to answer
+        ([{"role": "user", "content": []}], "messages.0.content"),
+        ([{"content": "hi"}], "messages.0.role"),
+        ([{"role": "assistant", "content": 5}], "messages.0.content"),
+    ],
+)
+def test_conversations_that_cannot_be_prompted_are_request_errors(messages, param):
+    with pytest.raises(RequestError) as refused:
+        ChatTemplate.builtin("chatml").prompt(messages)
+    assert refused.value.param == param

@@ -11,8 +11,9 @@ import llguidance
 import pytest
 
 from codellama_jax import generate, load, structured
-from codellama_jax.generation import output_grammar
 from codellama_jax.engine import Engine, EngineStopped, QueueFull
+from codellama_jax.errors import RequestError
+from codellama_jax.generation import output_grammar
 from codellama_jax.sampling import SamplingParams
 
 from conftest import write_hf_checkpoint
@@ -202,7 +203,8 @@ def test_a_failing_grammar_fails_only_its_request(engine, model):
         return failed, done
 
     failed, (_, text, ids) = asyncio.run(main())
-    assert isinstance(failed, RuntimeError) and "constrained decoding failed" in str(failed)
+    assert isinstance(failed, RequestError) and failed.param == "response_format"  # the request's own grammar: a 400
+    assert "constrained decoding failed" in str(failed) and "<state>" not in str(failed)
     alone = generate(model, [PROMPTS[1]], temperature=0.0, max_tokens=12)[0]
     assert (text, ids) == (alone.text, alone.token_ids)
     assert engine.slots_in_use == 0

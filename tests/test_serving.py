@@ -146,7 +146,7 @@ def test_known_openai_fields_that_change_nothing_are_accepted(server):
     plain = _post(server[0], json.dumps(body)).json()
     loaded = _post(server[0], json.dumps({**body, **ignored})).json()
     assert loaded["choices"][0]["message"] == plain["choices"][0]["message"]
-    streamed = _post(server[0], json.dumps({**body, "stream": True, "stream_options": {"include_usage": True,
+    streamed = _post(server[0], json.dumps({**body, "stream": True, "stream_options": {"include_usage": None,
                                                                                       "include_obfuscation": True}}))  # fmt: skip
     assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
 
@@ -174,6 +174,9 @@ def test_completions_of_several_prompts_and_token_ids(client, model):
     assert [c.index for c in reply.choices] == [0, 1, 2, 3]
     assert [c.text for c in reply.choices] == [c.text for c in expected]
     assert reply.usage.prompt_tokens == sum(c.prompt_tokens for c in expected if c.index == 0)
+    with pytest.raises(openai.BadRequestError) as too_many:  # more prompts than the queue holds could never be queued
+        client.completions.create(model=NAME, prompt=["x"] * 65, max_tokens=1)
+    assert too_many.value.body["param"] == "prompt"
     ids = model.tokenizer.encode("def add(a, b):", add_bos=True)
     by_ids = client.completions.create(model=NAME, prompt=ids, temperature=0.0, max_tokens=6)
     assert by_ids.choices[0].text == generate(model, [ids], temperature=0.0, max_tokens=6)[0].text
@@ -392,13 +395,29 @@ def test_a_tool_result_sent_back_through_the_openai_client(client, model):
          "tools.0.type"),
         (json.dumps({"model": NAME, "messages": "Hello!"}), 400, "messages"),
         (json.dumps({"model": None, "messages": HELLO}), 400, "model"),
+        (json.dumps({"model": NAME, "messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {
+                     "name": "loop", "schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/b"}}, "required": [
+                         "a"], "$defs": {"b": {"type": "object", "properties": {"c": {"$ref": "#/$defs/b"}},
+                                               "required": ["c"]}}}}}}), 400, "response_format"),
+        (json.dumps({"model": NAME, "messages": HELLO, "tool_choice": "required", "tools": [{"type": "function",
+                     "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "#"}},
+                                                              "required": ["a"]}}}]}), 400, "tools.0.function.parameters"),
+        (json.dumps({"model": NAME, "messages": [*HELLO, {"role": "assistant", "tool_calls": [{"id": "c", "type":
+                     "function", "function": {"name": "f", "arguments": "[" * 5000 + "]" * 5000}}]},
+                     {"role": "tool", "tool_call_id": "c", "content": "1"}]}), 400, "messages.1.tool_calls.0.function.arguments"),
+        (json.dumps({"model": NAME, "messages": [*HELLO, {"role": "assistant", "tool_calls": [{"id": "c", "type":
+                     "function", "function": {"name": "f", "arguments": "{}"}}]}]}), 400, "messages.1"),
+        (json.dumps({"model": NAME, "messages": [{"role": "assistant", "content": ""}]}), 400, "messages"),
+        (json.dumps({"model": NAME, "messages": [{"role": "user", "content": 5}]}), 400, "messages.0.content"),
     ],
     ids=["malformed", "array", "no-messages", "empty-messages", "wrong-type", "top_k-range", "n-range",
          "stream_options-without-stream", "17-stops", "bias-range", "bias-vocab", "bias-key",
          "unknown-field", "nan", "order", "tools", "tool_choice-unknown", "tool_choice-without-tools",
          "response_format-type", "schema-unsupported", "tool-without-call", "no-content", "too-large",
          "bias-superscript-two", "bias-5000-digits", "schema-refers-to-itself", "two-max-tokens", "image-part",
-         "web-search", "functions", "audio-out", "custom-tool", "messages-string", "model-null"],  # fmt: skip
+         "web-search", "functions", "audio-out", "custom-tool", "messages-string", "model-null",
+         "schema-requires-itself", "tool-requires-itself", "deep-arguments", "continue-a-call", "nothing-to-answer",
+         "content-number"],  # fmt: skip
 )
 def test_bad_input_is_a_clear_openai_error(server, body, status, param):
     url, engine = server

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import sentencepiece as spm
+import tokenizers
 
 from codellama_jax import IncrementalDetokenizer
 from codellama_jax.convert import GGUFCheckpoint
 from codellama_jax.errors import ContextLengthExceeded
-from codellama_jax.tokenizer import SentencePieceTokenizer, load_tokenizer
+from codellama_jax.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
 TEXTS = [
     "Hello world",
@@ -149,3 +150,10 @@ def test_piece_bytes_rebuild_the_text(text, sp_tok, smol_tok):
         ids = tokenizer.encode(text)
         assert b"".join(tokenizer.piece_bytes(i) for i in ids) == tokenizer.decode(ids, continuation=True).encode()
     assert sp_tok.piece_bytes(sp_tok.bos_id) is None  # a control token adds no text
+
+
+def test_no_bound_where_unknown_characters_fuse():
+    """A BPE without byte fallback spells a run of unknown characters as one `<unk>`: no bound."""
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE({"a": 0, "<unk>": 1}, [], unk_token="<unk>", fuse_unk=True))
+    tokenizer = HFTokenizer(bpe)
+    assert len(tokenizer.encode("€" * 100)) == 1 and tokenizer.min_tokens("€" * 100) == 0

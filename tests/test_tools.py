@@ -178,7 +178,7 @@ CET = '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>
     [
         (f" {PARIS}\n{CET}\n{PARIS}\n{LYON}", f" {PARIS}\n{CET}"),  # the repeat ends it, unseen
         (f"{PARIS}\n{LYON}\n{LYON}", f"{PARIS}\n{LYON}"),  # same name, other arguments: a new call
-        (f"{PARIS}\n{PARIS[:40]}", f"{PARIS}\n{PARIS[:40]}"),  # cut off while it could still repeat: shown at the end
+        (f"{PARIS}\n{PARIS[:40]}", PARIS),  # cut off (max_tokens) while it could still be a repeat: dropped
     ],
 )
 def test_a_repeated_call_ends_the_answer_before_it_is_shown(model, answer, shown):
