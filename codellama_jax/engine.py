@@ -311,11 +311,11 @@ class Engine:
             steps = 1
             try:
                 allowed = sharding.put(structured.fill_bitmask(constraints, m.config.vocab_size), m.mesh)
-            except structured.ConstraintError as e:  # those requests fail, the others go on
-                for row in e.rows:
+            except structured.ConstraintError as e:  # those requests fail (their grammar's doing), the others go on
+                for row, message in e.errors.items():
                     handle = self._slots[row]
                     self._free(row)
-                    handle._put(RequestError(str(e), param=handle.constraint.param))  # the request's grammar
+                    handle._put(RequestError(message, param=handle.constraint.param))
                 self._sampling = self._sampling_arrays()
                 return
         self._state = decode_loop(
@@ -328,6 +328,8 @@ class Engine:
                 continue
             try:
                 chunk = self._advance(row, handle, host)
+            except RequestError as e:  # the request's own doing (its grammar): it fails, the others go on
+                chunk = e
             except Exception as e:  # this request fails, the others go on
                 log.exception("request failed")
                 chunk = RuntimeError(f"request failed: {e}")

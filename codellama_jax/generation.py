@@ -216,7 +216,7 @@ def prompt_ids(model: Model, prompt: Prompt, tools: tool_calls.Tools | None = No
     if tools is not None and not is_chat:
         raise RequestError("tools need chat messages as the prompt", param="messages")
     if is_chat:
-        if prompt[-1].get("role") == "assistant" and prompt[-1].get("tool_calls"):
+        if isinstance(prompt[-1], Mapping) and prompt[-1].get("role") == "assistant" and prompt[-1].get("tool_calls"):
             raise RequestError("a final assistant message with tool_calls cannot be continued: send the tools' results "
                                "as tool messages", param=f"messages.{len(prompt) - 1}")  # fmt: skip
         messages = tool_calls.render_messages(chat_template.plain_messages(prompt), tools)
@@ -240,16 +240,17 @@ def output_grammar(
     model: Model, response_format: Mapping[str, Any] | None = None, tools: tool_calls.Tools | None = None
 ) -> structured.Grammar | None:
     """The grammar the output must follow (None: free text), compiled for the model."""
+    param = "tools" if tools is not None else "response_format"  # the field a grammar failure names
     try:
         asked = structured.response_format_grammar(response_format)
         if tools is not None and asked is not None:
             raise RequestError("response_format cannot be combined with tools; give one or the other", param="response_format")
         source = tools.grammar() if tools is not None else asked
-        return None if source is None else structured.compile_grammar(model, source, "tools" if tools is not None else "response_format")
+        return None if source is None else structured.compile_grammar(model, source, param)
     except RequestError:
         raise
     except ValueError as e:
-        raise RequestError(str(e), param="tools" if tools is not None else "response_format") from None
+        raise RequestError(str(e), param=param) from None
 
 
 def _tokenizer(model: Model):
@@ -325,7 +326,8 @@ class Batch:
             try:
                 allowed = sharding.put(structured.fill_bitmask(self.constraints, model.config.vocab_size), model.mesh)
             except structured.ConstraintError as e:  # the request's grammar cannot be followed
-                raise RequestError(str(e), param=self.constraints[e.rows[0]].param) from None
+                row, message = next(iter(e.errors.items()))
+                raise RequestError(message, param=self.constraints[row].param) from None
         self.state = decode_loop(
             model.graphdef, model.mesh, None, model.params, self.state, self.sampling, self.stop_ids, allowed, max_steps
         )

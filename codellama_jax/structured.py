@@ -10,8 +10,10 @@ The model's stop tokens are the grammar's end: they are allowed only where the g
 
 from __future__ import annotations
 
+import collections
 import re
 import threading
+import urllib.parse
 import weakref
 from typing import Any, Mapping, Sequence
 
@@ -19,6 +21,7 @@ import llguidance
 import llguidance.numpy
 import numpy as np
 
+from codellama_jax.errors import RequestError
 from codellama_jax.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 
 # JSON as json.dumps writes it: ", " and ": " between items, no other whitespace (a model cannot
@@ -40,19 +43,25 @@ def json_schema_grammar(schema: Mapping[str, Any]) -> str:
 
 
 def check_satisfiable(schema: Mapping[str, Any]) -> None:
-    """A ValueError when no JSON value satisfies `schema` because a definition can only be built
-    from itself (`{"$ref": "#/$defs/a"}` as `a`, an object that requires a property of its own
-    type, ...): llguidance accepts such grammars and fails only while decoding. A least fixpoint:
-    a definition is satisfiable once some finite value of it is known."""
-    defs = {f"#/{where}/{name}": node for where in ("$defs", "definitions")
-            for name, node in (schema.get(where) if isinstance(schema.get(where), Mapping) else {}).items()}  # fmt: skip
-    defs["#"] = schema
+    """A ValueError when no JSON value satisfies `schema` because a value it requires cannot be
+    built (`false`, or a definition only built from itself: `{"$ref": "#/$defs/a"}` as `a`, an
+    object that requires a property of its own type): llguidance accepts such grammars and fails
+    only while decoding. A least fixpoint, linear in the schema: a definition is satisfiable once
+    some finite value of it is known; each is looked at again only when one it refers to is."""
+    defs = {"#": schema}
+    for where in ("$defs", "definitions"):
+        if isinstance(schema.get(where), Mapping):
+            defs.update({f"#/{where}/{name}": node for name, node in schema[where].items()})
     known = dict.fromkeys(defs, False)
+
+    def ref(node: Mapping) -> str | None:  # a JSON pointer as a key of `defs`: ~1 is "/", ~0 is "~"
+        target = node.get("$ref")
+        return urllib.parse.unquote(target).replace("~1", "/").replace("~0", "~") if isinstance(target, str) else None
 
     def satisfiable(node: Any) -> bool:
         if not isinstance(node, Mapping):
             return node is not False
-        if isinstance(node.get("$ref"), str) and not known.get(node["$ref"], True):
+        if not known.get(ref(node), True):
             return False
         if not all(satisfiable(x) for x in node.get("allOf", [])):
             return False
@@ -67,15 +76,34 @@ def check_satisfiable(schema: Mapping[str, Any]) -> None:
             return all(map(satisfiable, prefix[:needed])) and (needed <= len(prefix) or satisfiable(node.get("items", True)))
         return True
 
+    def refs_in(node: Any):
+        if isinstance(node, Mapping):
+            yield ref(node)
+            for value in node.values():
+                yield from refs_in(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs_in(value)
+
+    body = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}
     try:
-        while found := [name for name, node in defs.items() if not known[name] and satisfiable(node)]:
-            known.update(dict.fromkeys(found, True))
+        dependants: dict[str, set[str]] = {name: set() for name in defs}
+        for name, node in defs.items():
+            for target in refs_in(body if name == "#" else node):
+                if target in dependants:
+                    dependants[target].add(name)
+        pending = collections.deque(defs)
+        while pending:
+            name = pending.popleft()
+            if not known[name] and satisfiable(defs[name]):
+                known[name] = True
+                pending.extend(dependants[name])
     except (TypeError, AttributeError, RecursionError):  # malformed: llguidance's validation says what is wrong
         return
     if not known["#"]:
-        circular = [name for name, ok in known.items() if not ok and name != "#"]
-        raise ValueError(f"no JSON value satisfies this schema: {', '.join(circular) or 'it'} can only be built "
-                         "from itself")  # fmt: skip
+        needed = sorted({t for t in refs_in(body) if t in known and not known[t] and t != "#"})
+        raise ValueError("no JSON value satisfies this schema" + (f": no value of {', '.join(needed)} can be built "
+                         "(false, or only from itself)" if needed else ""))  # fmt: skip
 
 
 def lark_grammar(source: str) -> str:
@@ -159,7 +187,7 @@ class Grammar:
     (a copy of one built here, so that requests do not rebuild the grammar). `param` is the
     request field it comes from, named when the grammar cannot be followed."""
 
-    def __init__(self, source: str, vocab: llguidance.LLTokenizer, param: str = "response_format"):
+    def __init__(self, source: str, vocab: llguidance.LLTokenizer, param: str):
         check_grammar(source, vocab)
         self.source, self.param = source, param
         self._start = llguidance.LLMatcher(vocab, source, log_level=0)
@@ -187,13 +215,15 @@ def compile_grammar(model, source: str, param: str = "response_format") -> Gramm
 class Constraint:
     """One row's place in its grammar."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, param: str = "response_format"):
+    def __init__(self, matcher: llguidance.LLMatcher, param: str):
         self.matcher, self.param = matcher, param
 
     def advance(self, token_id: int) -> None:
-        """Consumes the row's sampled token (always one the mask allowed)."""
+        """Consumes the row's sampled token (one the mask allowed; llguidance may still give up on
+        a grammar past its limits, which is the request's to hear about)."""
         if not self.matcher.consume_token(int(token_id)):
-            raise RuntimeError(f"constrained decoding: token {token_id} refused: {_short(self.matcher.get_error())}")
+            raise RequestError(f"constrained decoding: token {token_id} refused: {_short(self.matcher.get_error())}",
+                               param=self.param)  # fmt: skip
 
     @property
     def complete(self) -> bool:
@@ -206,11 +236,12 @@ def bitmask_words(vocab_size: int) -> int:
 
 
 class ConstraintError(RuntimeError):
-    """Matchers that failed computing their mask (`rows`: their indices); the other rows are fine."""
+    """Matchers that failed computing their mask (`errors`: each one's row and message); the
+    other rows are fine."""
 
-    def __init__(self, rows: list[int], message: str):
-        super().__init__(message)
-        self.rows = rows
+    def __init__(self, errors: dict[int, str]):
+        super().__init__(next(iter(errors.values())))
+        self.errors = errors
 
 
 def fill_bitmask(constraints: Sequence[Constraint | None], vocab_size: int) -> np.ndarray:
@@ -220,9 +251,9 @@ def fill_bitmask(constraints: Sequence[Constraint | None], vocab_size: int) -> n
     rows = [(c.matcher, b) for b, c in enumerate(constraints) if c is not None]
     if rows:
         llguidance.numpy.fill_next_token_bitmask_par(_executor, rows, bitmask_BW)
-        failed = [(b, m.get_error()) for m, b in rows if m.is_error()]
+        failed = {b: f"constrained decoding failed: {_short(m.get_error())}" for m, b in rows if m.is_error()}
         if failed:
-            raise ConstraintError([b for b, _ in failed], f"constrained decoding failed: {_short(failed[0][1])}")
+            raise ConstraintError(failed)
     return bitmask_BW
 
 

@@ -7,6 +7,7 @@ chat template's own text): `encode` treats its input as plain text, so a user wh
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import re
@@ -51,13 +52,15 @@ class Tokenizer:
 
     def encode_with_specials(self, text: str, plain_spans: Sequence[Span] = (), limit: int | None = None) -> list[int]:
         """Token ids of template text: special-token text becomes control tokens, except inside
-        `plain_spans` (character ranges of user content), which is encoded as plain text; `limit`
-        as for `encode`."""
+        `plain_spans` (character ranges of user content, in order, not overlapping), which is
+        encoded as plain text; `limit` as for `encode`."""
         self._check_length(text, limit)
         ids: list[int] = []
         start = 0
+        ends = [e for _, e in plain_spans]
         for m in self._special_re.finditer(text) if self._special_re else ():
-            if any(s < m.end() and m.start() < e for s, e in plain_spans):
+            i = bisect.bisect_right(ends, m.start())  # the first span ending after the match starts
+            if i < len(plain_spans) and plain_spans[i][0] < m.end():  # inside user content
                 continue
             if m.start() > start:
                 ids += self._encode_plain(text[start : m.start()])
@@ -418,22 +421,20 @@ class TextStream:
     def _release(self, final: bool) -> str:
         found = [i for i in (self._pending.find(s) for s in self.stop) if i >= 0]
         keep = min(found, default=len(self._pending))  # what the output may hold of the pending text
-        release = keep if found or final else keep - self._stop_prefix_length()
+        release = keep if found or final else keep - self._stop_prefix_length()  # what it surely holds
         if self.end is not None:
             start = len(self.text)
-            if start + keep > self._ended:
-                self.end.feed(self._pending[self._ended - start : keep])
-                self._ended = start + keep
-            cut = self.end.end if self.end.end is not None else self.end.hold if final else None
-            if cut is not None and cut - start <= keep:  # ended there (at the end, what was held is dropped)
-                keep = release = max(cut - start, 0)
-                found = [keep]
-            elif self.end.hold is not None:
+            if start + release > self._ended:
+                self.end.feed(self._pending[self._ended - start : release])
+                self._ended = start + release
+            if self.end.end is not None and self.end.end - start <= release:  # the rule ends the output here
+                release = max(self.end.end - start, 0)
+                found = [release]
+            elif self.end.hold is not None:  # held until known; never shown if the output ends first
                 release = min(release, max(self.end.hold - start, 0))
-        if found:
-            out, self._pending, self.stopped = self._pending[:keep], "", True
-        else:
-            out, self._pending = self._pending[:release], self._pending[release:]
+        out = self._pending[:release]
+        self._pending = "" if found else self._pending[release:]
+        self.stopped = self.stopped or bool(found)
         self.text += out
         return out
 

@@ -71,6 +71,7 @@ def claim(host: str, port: int) -> socket.socket:
 
 
 def url(sock: socket.socket) -> str:
+    """Where a listening socket is served (IPv6 hosts in brackets; the real port, even for --port 0)."""
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 

@@ -16,7 +16,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from codellama_jax.errors import ContextLengthExceeded, RequestError
 from codellama_jax.loader import Model
 
 from . import protocol
-from .protocol import ChatCompletionRequest, CompletionRequest, ProtocolError, Strict
+from .protocol import ChatCompletionRequest, CompletionRequest, Message, ProtocolError, Strict
 
 log = logging.getLogger("codellama_jax.serving")
 
@@ -75,12 +74,15 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
     metrics = Metrics(engine)
     started = protocol.now()
     app.asgi_app = OpenRequests(app.asgi_app)
-    workers = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2), thread_name_prefix="codellama-requests")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    lanes = [ThreadPoolExecutor(max(1, cores // 2), thread_name_prefix=f"codellama-{kind}") for kind in ("small", "large")]
 
     async def off_loop(fn, *args):
-        """A request's CPU work (body checks, templates, tokenizers, grammars) off the event loop, on
-        half the cores at most, so that streams keep flowing and the engine keeps the other half."""
-        return await asyncio.get_running_loop().run_in_executor(workers, fn, *args)
+        """A request's CPU work (reading the body, templates, tokenizers, grammars) off the event
+        loop, so that streams keep flowing: in one of two lanes of half the cores each, one for
+        bodies over LARGE_BODY, so that small requests never wait behind large ones."""
+        lane = lanes[(request.content_length or 0) > LARGE_BODY]
+        return await asyncio.get_running_loop().run_in_executor(lane, fn, *args)
 
     def fail(status: int, message: str, retry_after: int | None = None, **fields) -> Response:
         response = Response(json.dumps(protocol.error_body(message, **fields)), status=status, content_type="application/json")
@@ -128,12 +130,6 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             response.headers["Access-Control-Expose-Headers"] = "Retry-After"
             response.vary.add("Origin")
         return response
-
-    @app.errorhandler(ValidationError)
-    async def invalid(e: ValidationError):
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if not _UNION_BRANCH.fullmatch(str(p))) or None
-        return fail(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
 
     @app.errorhandler(ProtocolError)
     async def refused(e: ProtocolError):
@@ -371,13 +367,33 @@ class OpenRequests:
 
 
 MAX_JSON_DEPTH = 256
-_UNION_BRANCH = re.compile(r"str|int|float|bool|.*\[.*")  # pydantic names the member of a union in `loc`
+LARGE_BODY = 64 * 2**10
+UNIONS = {"content", "prompt", "stop", "tool_choice"}  # fields whose errors pydantic locates in a union member
 
 
 def _read(model_class: type[Strict], body: bytes) -> Strict:
-    """The body as a request model (a ProtocolError or pydantic's ValidationError if it is not
-    one): parsing and validating a large body is CPU work, done off the event loop."""
-    return model_class.model_validate(_json_object(body))
+    """The body as a request model, or a ProtocolError naming the field at fault. Messages are
+    validated one by one, so that a body of many bad ones fails at the first, and the work
+    (done off the event loop) lets go of the GIL between them."""
+    value = _json_object(body)
+    try:
+        if model_class is ChatCompletionRequest and isinstance(value.get("messages"), list):
+            for i, message in enumerate(value["messages"]):
+                try:
+                    value["messages"][i] = Message.model_validate(message)
+                except ValidationError as e:
+                    raise _invalid(e, ("messages", i)) from None
+        return model_class.model_validate(value)
+    except ValidationError as e:
+        raise _invalid(e) from None
+
+
+def _invalid(e: ValidationError, where: tuple = ()) -> ProtocolError:
+    """pydantic's first complaint as a 400 naming its field (a dotted path, union members left out)."""
+    first = e.errors(include_url=False)[0]
+    loc = (*where, *first["loc"])
+    param = ".".join(str(p) for i, p in enumerate(loc) if not (i and loc[i - 1] in UNIONS and isinstance(p, str)))
+    return ProtocolError(f"{param}: {first['msg']}" if param else first["msg"], param=param or None)
 
 
 def _json_object(body: bytes) -> dict:

@@ -81,6 +81,15 @@ def test_templates_cannot_reach_python_internals():
     assert "unsafe" in str(info.value).lower() or "security" in type(info.value).__name__.lower()
 
 
+def test_without_a_generation_prompt_the_tokens_are_the_render(sp_dir):
+    tokenizer = SentencePieceTokenizer.from_directory(sp_dir)
+    template = ChatTemplate.builtin("codellama-70b", bos_token="<s>")
+    messages = CONVERSATIONS["multi-turn"]
+    ids = template.encode(tokenizer, messages, add_generation_prompt=False)
+    assert ids == tokenizer.encode_with_specials(template.render(messages, add_generation_prompt=False))
+    assert ids != template.encode(tokenizer, messages)
+
+
 def test_special_token_text_in_user_content_stays_text(sp_dir):
     tokenizer = SentencePieceTokenizer.from_directory(sp_dir)
     step = tokenizer.special_tokens["<step>"]
@@ -225,3 +234,13 @@ def test_conversations_that_cannot_be_prompted_are_request_errors(messages, para
     with pytest.raises(RequestError) as refused:
         ChatTemplate.builtin("chatml").prompt(messages)
     assert refused.value.param == param
+
+
+def test_many_special_tokens_typed_by_a_user_stay_text(smollm2_template, smol_tokenizer):
+    """20,000 `<|im_end|>` in one message (a few seconds' worth if each were checked against every
+    other, as it once was): all plain text, only the template's own control tokens are control tokens."""
+    template = ChatTemplate(smollm2_template)
+    typed = [{"role": "user", "content": "<|im_end|>" * 20_000}]
+    specials = set(smol_tokenizer.special_tokens.values())
+    controls = [t for t in template.encode(smol_tokenizer, typed) if t in specials]
+    assert controls == [t for t in template.encode(smol_tokenizer, [{"role": "user", "content": "x"}]) if t in specials]

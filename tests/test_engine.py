@@ -192,7 +192,7 @@ def test_a_failing_grammar_fails_only_its_request(engine, model):
 
     class Broken:  # a matcher in its error state, as llguidance leaves one it cannot go on with
         def constraint(self):
-            return structured.Constraint(llguidance.LLMatcher(vocab, "start: (", log_level=0))
+            return structured.Constraint(llguidance.LLMatcher(vocab, "start: (", log_level=0), "response_format")
 
     params = SamplingParams(temperature=0.0, max_tokens=12)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from codellama_jax import generate, load, stream, structured
+from codellama_jax.errors import RequestError
 from codellama_jax.sampling import apply_token_bitmask
 
 from conftest import write_hf_checkpoint
@@ -142,6 +143,6 @@ def test_the_vocabulary_accepts_the_tokenizers_own_encoding(tokenizer_of, model,
         good.advance(token)
     assert good.complete
     bad = grammar.constraint()
-    with pytest.raises(RuntimeError, match="refused"):
+    with pytest.raises(RequestError, match="refused"):
         for token in encode('{"color": "purple"'):
             bad.advance(token)

@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 
 from codellama_jax import chat, generate, load, structured
+from codellama_jax.errors import RequestError
 from codellama_jax.tokenizer import TextStream
 from codellama_jax.tools import RepeatedCall, ToolCallParser, parse, parse_tools, render_messages
 
@@ -75,7 +76,7 @@ def test_a_call_after_whitespace_is_a_call_the_grammar_checks(model):
     assert accepted.complete
     assert [(c.name, c.arguments) for c in parse(call).calls] == [("get_weather", '{"city": "Oslo", "unit": "celsius"}')]
     refused = grammar.constraint()
-    with pytest.raises(RuntimeError, match="refused"):
+    with pytest.raises(RequestError, match="refused"):
         for token in model.tokenizer.encode_continuation(' <tool_call>{"name": "rm_rf"'):
             refused.advance(token)
 
@@ -174,22 +175,23 @@ CET = '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>
 
 
 @pytest.mark.parametrize(
-    "answer, shown",
+    "answer, stop, shown, stopped",
     [
-        (f" {PARIS}\n{CET}\n{PARIS}\n{LYON}", f" {PARIS}\n{CET}"),  # the repeat ends it, unseen
-        (f"{PARIS}\n{LYON}\n{LYON}", f"{PARIS}\n{LYON}"),  # same name, other arguments: a new call
-        (f"{PARIS}\n{PARIS[:40]}", PARIS),  # cut off (max_tokens) while it could still be a repeat: dropped
+        (f" {PARIS}\n{CET}\n{PARIS}\n{LYON}", (), f" {PARIS}\n{CET}", True),  # the repeat ends it, unseen
+        (f"{PARIS}\n{LYON}\n{LYON}", (), f"{PARIS}\n{LYON}", True),  # same name, other arguments: a new call
+        (f"{PARIS}\n{PARIS[:40]}", (), PARIS, False),  # max_tokens ends it while it could still be a repeat: dropped
+        (f"{PARIS}\n{PARIS[:40]}STOP", ("STOP",), PARIS, True),  # so does a stop string
     ],
 )
-def test_a_repeated_call_ends_the_answer_before_it_is_shown(model, answer, shown):
-    stream = TextStream(model.tokenizer, end=RepeatedCall())
+def test_a_repeated_call_ends_the_answer_before_it_is_shown(model, answer, stop, shown, stopped):
+    stream = TextStream(model.tokenizer, stop=stop, end=RepeatedCall())
     released = []
     for token in model.tokenizer.encode_continuation(answer):
         released.append(stream.push(token))
         assert shown.startswith(stream.text)  # nothing of a repeat is ever released
     released.append(stream.finish())
     assert "".join(released) == stream.text == shown
-    assert stream.stopped == (shown != answer)
+    assert stream.stopped == stopped  # a stop (finish_reason "tool_calls"), or max_tokens ("length")
 
 
 def test_a_named_tool_is_called_once_and_a_repeated_call_ends_the_turn(model):
