@@ -312,10 +312,10 @@ class Engine:
             try:
                 allowed = sharding.put(structured.fill_bitmask(constraints, m.config.vocab_size), m.mesh)
             except structured.ConstraintError as e:  # those requests fail (their grammar's doing), the others go on
-                for row, message in e.errors.items():
+                for row, error in e.errors.items():
                     handle = self._slots[row]
                     self._free(row)
-                    handle._put(RequestError(message, param=handle.constraint.param))
+                    handle._put(error)
                 self._sampling = self._sampling_arrays()
                 return
         self._state = decode_loop(

@@ -216,9 +216,6 @@ def prompt_ids(model: Model, prompt: Prompt, tools: tool_calls.Tools | None = No
     if tools is not None and not is_chat:
         raise RequestError("tools need chat messages as the prompt", param="messages")
     if is_chat:
-        if isinstance(prompt[-1], Mapping) and prompt[-1].get("role") == "assistant" and prompt[-1].get("tool_calls"):
-            raise RequestError("a final assistant message with tool_calls cannot be continued: send the tools' results "
-                               "as tool messages", param=f"messages.{len(prompt) - 1}")  # fmt: skip
         messages = tool_calls.render_messages(chat_template.plain_messages(prompt), tools)
         return model.chat_template.encode(_tokenizer(model), messages, limit=limit)
     if isinstance(prompt, str):
@@ -326,8 +323,7 @@ class Batch:
             try:
                 allowed = sharding.put(structured.fill_bitmask(self.constraints, model.config.vocab_size), model.mesh)
             except structured.ConstraintError as e:  # the request's grammar cannot be followed
-                row, message = next(iter(e.errors.items()))
-                raise RequestError(message, param=self.constraints[row].param) from None
+                raise next(iter(e.errors.values())) from None
         self.state = decode_loop(
             model.graphdef, model.mesh, None, model.params, self.state, self.sampling, self.stop_ids, allowed, max_steps
         )

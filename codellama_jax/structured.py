@@ -191,7 +191,7 @@ class Grammar:
         check_grammar(source, vocab)
         self.source, self.param = source, param
         self._start = llguidance.LLMatcher(vocab, source, log_level=0)
-        try:  # a grammar with no sentence at all (a $ref to itself) fails its very first mask
+        try:  # a grammar with no sentence at all fails its very first mask
             first = fill_bitmask([self.constraint()], vocab.vocab_size)
         except ConstraintError as e:
             raise ValueError(f"the grammar admits no output at all ({e})") from None
@@ -236,11 +236,11 @@ def bitmask_words(vocab_size: int) -> int:
 
 
 class ConstraintError(RuntimeError):
-    """Matchers that failed computing their mask (`errors`: each one's row and message); the
-    other rows are fine."""
+    """Matchers that failed computing their mask (`errors`: each one's row and the RequestError
+    its request gets, naming the grammar's field); the other rows are fine."""
 
-    def __init__(self, errors: dict[int, str]):
-        super().__init__(next(iter(errors.values())))
+    def __init__(self, errors: dict[int, RequestError]):
+        super().__init__(str(next(iter(errors.values()))))
         self.errors = errors
 
 
@@ -251,7 +251,8 @@ def fill_bitmask(constraints: Sequence[Constraint | None], vocab_size: int) -> n
     rows = [(c.matcher, b) for b, c in enumerate(constraints) if c is not None]
     if rows:
         llguidance.numpy.fill_next_token_bitmask_par(_executor, rows, bitmask_BW)
-        failed = {b: f"constrained decoding failed: {_short(m.get_error())}" for m, b in rows if m.is_error()}
+        failed = {b: RequestError(f"constrained decoding failed: {_short(m.get_error())}", param=constraints[b].param)
+                  for m, b in rows if m.is_error()}  # fmt: skip
         if failed:
             raise ConstraintError(failed)
     return bitmask_BW

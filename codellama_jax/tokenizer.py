@@ -275,7 +275,7 @@ class HFTokenizer(Tokenizer):
     def _token_bytes(self) -> tuple[bytes, ...]:
         """Byte-level vocabularies (GPT-2's byte-to-character table) or `▁`-and-`<0xNN>` ones
         (Llama's tokenizer.json); added tokens as their text."""
-        byte_level = "ByteLevel" in json.dumps(json.loads(self.tok.to_str()).get("decoder"))
+        byte_level = "ByteLevel" in json.dumps(self._spec.get("decoder"))
         from_char = {c: b for b, c in _bytes_to_unicode().items()}
         out = [b""] * self.vocab_size
         for piece, i in self.tok.get_vocab(with_added_tokens=False).items():
@@ -294,13 +294,17 @@ class HFTokenizer(Tokenizer):
         return max(map(len, self.tok.get_vocab(with_added_tokens=True)))
 
     @functools.cached_property
+    def _spec(self) -> dict:
+        """The tokenizer's own description (tokenizer.json's content), read once."""
+        return json.loads(self.tok.to_str())
+
+    @functools.cached_property
     def _bounded(self) -> bool:
         """A BPE whose every character has pieces (byte-level, or byte fallback) and whose
         pre-tokenizer keeps every character (BERT's whitespace splitting does not)."""
-        spec = json.loads(self.tok.to_str())
-        found = set(re.findall(r'"(?:type|behavior)": ?"(\w+)"', json.dumps(spec.get("pre_tokenizer"))))
+        found = set(re.findall(r'"(?:type|behavior)": ?"(\w+)"', json.dumps(self._spec.get("pre_tokenizer"))))
         drops = {"Whitespace", "WhitespaceSplit", "BertPreTokenizer", "CharDelimiterSplit", "Removed"} & found
-        model = spec.get("model") or {}
+        model = self._spec.get("model") or {}
         return model.get("type") == "BPE" and (model.get("byte_fallback") or "ByteLevel" in found) and not drops
 
     def _normalized_length(self, text: str) -> int:

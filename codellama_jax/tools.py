@@ -167,6 +167,9 @@ def render_messages(messages: Sequence[Mapping[str, Any]], tools: Tools | None) 
     for i, m in enumerate(messages):
         message = {k: v for k, v in m.items() if k not in ("tool_calls", "tool_call_id")}
         role, content = m.get("role"), m.get("content")
+        if role == "assistant" and m.get("tool_calls") and i == len(messages) - 1:
+            raise RequestError("a final assistant message with tool_calls cannot be continued: send the tools' results "
+                               "as tool messages", param=f"messages.{i}")  # fmt: skip
         if role == "assistant" and m.get("tool_calls"):
             calls = [_call_text(i, j, call, names) for j, call in enumerate(m["tool_calls"])]
             message["content"] = "\n".join(([content] if content else []) + calls)
