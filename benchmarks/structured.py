@@ -1,5 +1,5 @@
-"""The cost of constrained decoding: decode tokens/s of the same batch free, free but one step per
-call (the host round trip every grammar-constrained step needs), and under a JSON schema; then the
+"""The cost of constrained decoding: tokens/s of the same batch free, free but one step per call
+(the host round trip every grammar-constrained step needs), and under a JSON schema; then the
 same requests through the serving engine (continuous batching, as many slots as requests), free and
 under the schema (these include prefill and the engine's text streaming).
 
@@ -24,9 +24,9 @@ import numpy as np
 from codellama_jax import load, structured
 from codellama_jax.demo_model import fetch_smollm2
 from codellama_jax.engine import Engine
-from codellama_jax.generation import Batch, output_grammar
+from codellama_jax.generation import output_grammar
 from codellama_jax.sampling import SamplingParams
-from codellama_jax.tokenizer import TextStream
+from codellama_jax.scheduler import Scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = {
@@ -39,35 +39,34 @@ RECORDS = {
 PROMPT = [{"role": "user", "content": "List the functions of Python's os module with a score and a kind, as JSON."}]
 
 
-def decode_rate(model, batch_size: int, new_tokens: int, grammar, steps_per_call: int) -> tuple[float, Batch]:
-    """Decode tokens/s of one batch (prefill excluded), text streams fed after every call."""
+def decode_rate(model, batch_size: int, new_tokens: int, grammar, steps_per_call: int) -> tuple[float, list[list[int]]]:
+    """Tokens/s of one batch through the library's scheduler (as generate() runs it, prefill
+    included), text streamed after every call; and each row's tokens."""
     suppress = {int(t): -100.0 for t in model.stop_token_ids} if grammar is None else None
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, logit_bias=suppress)
     ids = model.chat_template.encode(model.tokenizer, PROMPT)
-    batch = Batch(model, [ids] * batch_size, params, grammar)
-    streams = [TextStream(model.tokenizer, ids) for _ in range(batch_size)]
-    jax.block_until_ready(batch.state)
+    scheduler = Scheduler(model, max_batch=batch_size, max_len=len(ids) + new_tokens, steps_per_call=steps_per_call)
+    rows = [[] for _ in range(batch_size)]
     start = time.perf_counter()
-    while batch.running():
-        batch.decode(steps_per_call)
-        batch.feed(streams)
+    for r in range(batch_size):
+        scheduler.add(scheduler.sequences(ids, params, lambda i, r=r: lambda chunk: rows[r].extend(chunk.token_ids), grammar))
+    while scheduler.has_work():
+        scheduler.step()
     seconds = time.perf_counter() - start
-    generated = int(np.asarray(batch.state.generated_B).sum())
-    assert generated == batch_size * new_tokens, "a row stopped early"
-    return generated / seconds, batch
+    assert sum(map(len, rows)) == batch_size * new_tokens, "a row stopped early"
+    return batch_size * new_tokens / seconds, rows
 
 
-def mask_ms(model, batch: Batch, grammar) -> float:
+def mask_ms(model, rows: list[list[int]], grammar) -> float:
     """Mean time of one step's bitmask for the batch, replaying the tokens the batch generated."""
-    tokens_BN = np.asarray(batch.state.tokens_BN)
-    constraints = [grammar.constraint() for _ in batch.rows]
+    constraints = [grammar.constraint() for _ in rows]
     times = []
-    for j in range(int(np.asarray(batch.state.generated_B).min())):
+    for j in range(min(map(len, rows))):
         start = time.perf_counter()
         structured.fill_bitmask(constraints, model.config.vocab_size)
         times.append(time.perf_counter() - start)
-        for row, c in enumerate(constraints):
-            c.advance(int(tokens_BN[row, j]))
+        for row, c in zip(rows, constraints):
+            c.advance(row[j])
     return 1e3 * float(np.mean(times))
 
 
@@ -111,10 +110,10 @@ def main() -> None:
         for _ in range(2):  # the first round compiles
             free, _ = decode_rate(model, size, n, None, n)
             stepped, _ = decode_rate(model, size, n, None, 1)
-            constrained, batch = decode_rate(model, size, n, grammar, 1)
+            constrained, rows = decode_rate(model, size, n, grammar, 1)
             served_free, served_schema = (engine_rate(engine, ids, size, n, g) for g in (None, grammar))
         engine.stop()
-        print(f"{size:>6}{free:>12.1f}{stepped:>13.1f}{constrained:>14.1f}{mask_ms(model, batch, grammar):>9.2f}"
+        print(f"{size:>6}{free:>12.1f}{stepped:>13.1f}{constrained:>14.1f}{mask_ms(model, rows, grammar):>9.2f}"
               f"{constrained / free:>14.2f}x{served_free:>13.1f}{served_schema:>15.1f}{served_schema / served_free:>14.2f}x")  # fmt: skip
 
 

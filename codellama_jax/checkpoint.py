@@ -44,9 +44,12 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def param_shapes(config: LlamaConfig) -> dict[weights.ParamPath, tuple[int, ...]]:
-    """Shape of every parameter, by path, without allocating anything."""
+    """Shape of every stored tensor (one per layer), by stored path, without allocating anything."""
     state = nnx.state(abstract_model(config), nnx.Param)
-    return {path: tuple(var.shape) for path, var in nnx.to_flat_state(state)}
+    return {
+        stored: tuple(var.shape[1:] if layer is not None else var.shape)
+        for stored, _, layer, var in weights.stored_tensors(state)
+    }
 
 
 def read_params(source, dtype, *, progress: str | None = None) -> Iterator[tuple[weights.ParamPath, np.ndarray]]:
@@ -133,30 +136,27 @@ def check_format(path: str | Path) -> str | None:
     return info.get("quantization")
 
 
-def restore_params(path: str | Path, abstract_state: nnx.State, sharding) -> nnx.State:
-    """The parameters of a checkpoint, restored straight into `sharding` (a function of the
-    abstract variable) and cast to the abstract state's dtypes."""
-    target: dict = {}
-    for p, var in nnx.to_flat_state(abstract_state):
-        _nest(target, p, jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding(var)))
-    restored = ocp.load_pytree(Path(path).absolute() / PARAMS_DIR, target)
-    nnx.replace_by_pure_dict(abstract_state, restored)
-    return abstract_state
-
-
 def iter_params(path: str | Path, abstract_state: nnx.State, sharding) -> Iterator[tuple[weights.ParamPath, jax.Array]]:
-    """The parameters one at a time, each restored straight into `sharding(variable)`:
-    for loaders that transform each one (quantization) before the next is read."""
+    """(stored path, array) for every stored tensor, each restored straight into
+    `sharding(variable, layer)` in the abstract variable's dtype; one read per variable (all its
+    layers at once), so loaders can place or transform each before the next is read."""
     context = ocp.Context()
     context.pytree.loading.partial_load = True
-    for p, var in nnx.to_flat_state(abstract_state):
+    by_variable: dict = {}
+    for stored, p, layer, var in weights.stored_tensors(abstract_state):
+        by_variable.setdefault(p, []).append((stored, layer, var))
+    for tensors in by_variable.values():
         target: dict = {}
-        _nest(target, p, jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding(var)))
+        for stored, layer, var in tensors:
+            shape = var.shape[1:] if layer is not None else var.shape
+            _nest(target, stored, jax.ShapeDtypeStruct(shape, var.dtype, sharding=sharding(var, layer)))
         with context:
             restored = ocp.load_pytree(Path(path).absolute() / PARAMS_DIR, target)
-        for key in p:
-            restored = restored[key]
-        yield p, restored
+        for stored, _, _ in tensors:
+            value = restored
+            for key in stored:
+                value = value[key]
+            yield stored, value
 
 
 def _nest(tree: dict, path: weights.ParamPath, value) -> None:

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from codellama_jax import checkpoint, sharding
+from codellama_jax import checkpoint, sharding, weights
+from codellama_jax.buckets import bucket
 from codellama_jax import quantize as quantization
 from codellama_jax.chat_template import ChatTemplate, chat_template_for, read_chat_template
 from codellama_jax.config import LlamaConfig
@@ -78,11 +80,6 @@ def _forward(graphdef, params, tokens_BT, positions_BT):
     return nnx.merge(graphdef, params)(tokens_BT, positions_BT)
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-    """Sizes are padded to powers of two so that the number of compiles stays small."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
 def default_dtype() -> str:
     """bfloat16 on accelerators; float32 on CPU, where XLA's bfloat16 matmuls are slow."""
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -110,11 +107,9 @@ def load(
         stored = checkpoint.check_format(path)
         config = with_generation_config(LlamaConfig.from_hf(path), path)
         graphdef, state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype, quant=stored or quantize))
-        if stored or not quantize:
-            state = checkpoint.restore_params(path, state, place)
-        else:  # a full-precision checkpoint, quantized one tensor at a time
-            float_state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype))[1]
-            _fill(state, mesh, checkpoint.iter_params(path, float_state, place))
+        # a full-precision checkpoint loaded as int8 is read as stored and quantized one tensor at a time
+        as_stored = state if stored or not quantize else nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype))[1]
+        _fill(state, mesh, checkpoint.iter_params(path, as_stored, place))
         tokenizer, template = _optional_tokenizer(lambda: load_tokenizer(path)), read_chat_template(path)
     else:
         source = open_checkpoint(path)
@@ -127,14 +122,36 @@ def load(
 
 
 def _fill(state: nnx.State, mesh: Mesh, tensors) -> None:
-    """Sets the abstract state's variables from (path, full-precision array) pairs, each on its
-    shards; an int8 variable gets the weight quantized there, and its scale beside it."""
-    variables = dict(nnx.to_flat_state(state))
+    """Sets the abstract state's variables from (stored path, full-precision array) pairs, each
+    placed on its shards; a layer's tensor goes into its slot of the stacked variable, which is
+    allocated on its shards when its first layer arrives; an int8 variable gets the weight
+    quantized there, and its scale beside it."""
     int8 = quantization.int8_axes(state)
-    for p, value in tensors:
-        placed = jax.device_put(value, sharding.param_sharding(mesh, variables[p]))
-        for q, array in quantization.stored(p, placed, int8).items():
-            variables[q].value = jax.device_put(array, sharding.param_sharding(mesh, variables[q]))
+    where = {stored: (p, layer, var) for stored, p, layer, var in weights.stored_tensors(state)}
+    stacks: dict = {}  # variable path -> (stack being filled, layers in it)
+    for stored, value in tensors:
+        _, layer, var = where[stored]
+        placed = jax.device_put(value, sharding.param_sharding(mesh, var, layer))
+        for q, array in quantization.stored(stored, placed, int8).items():
+            p, layer, var = where[q]
+            array = jax.device_put(array, sharding.param_sharding(mesh, var, layer))
+            if layer is None:
+                var.value = array
+                continue
+            stack, filled = stacks.get(p) or (_zeros(var.shape, var.dtype, sharding.param_sharding(mesh, var)), 0)
+            stacks[p] = _set_layer(stack, array.astype(var.dtype), layer), filled + 1
+            if filled + 1 == var.shape[0]:
+                var.value = stacks.pop(p)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _zeros(shape, dtype, where):
+    return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), where)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _set_layer(stack: jax.Array, value: jax.Array, layer) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stack, value, layer, 0)
 
 
 def _optional_tokenizer(read) -> Tokenizer | None:

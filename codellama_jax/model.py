@@ -1,7 +1,7 @@
 """The Llama transformer in Flax NNX.
 
-Shape letters: B batch, T query length, S key length, D model dim, N query heads, K kv heads,
-G query heads per kv head, H head dim, F mlp dim, V vocab. Every parameter carries logical axis
+Shape letters: L layers, B batch, T query length, S key length, D model dim, N query heads,
+K kv heads, G query heads per kv head, H head dim, F mlp dim, V vocab. Every parameter carries logical axis
 names (`axes` metadata) that `sharding.py` maps to mesh axes; model code never names a
 mesh axis.
 """
@@ -17,6 +17,7 @@ from flax import nnx
 
 from codellama_jax.config import LlamaConfig
 from codellama_jax import quantize
+from codellama_jax.attention import AttentionMeta, attention
 from codellama_jax.kv_cache import KVCache
 
 _INIT = nnx.initializers.normal(0.02)
@@ -98,26 +99,6 @@ def apply_rope(x_BTNH: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Arra
     return x_BTNH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
-    """Grouped-query attention: query head n reads kv head n // G. Softmax in float32.
-
-    Keys and values are `[B, K, S, H]`, the cache's layout, so no step transposes the cache.
-    The queries of one kv head are gathered as rows `[B, K, T*G, H]` so both products are
-    plain batched matmuls over (B, K): XLA:CPU runs them ~3x faster than a 5-axis einsum."""
-    B, T, N, H = q_BTNH.shape
-    K = k_BKSH.shape[1]
-    G = N // K
-    q_BKRH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
-    scores_BKRS = jax.lax.dot_general(
-        q_BKRH, k_BKSH, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32
-    )
-    mask_B1RS = jnp.repeat(mask_BTS, G, axis=1)[:, None]
-    scores_BKRS = jnp.where(mask_B1RS, scores_BKRS * (H**-0.5), -jnp.inf)
-    probs_BKRS = jax.nn.softmax(scores_BKRS, axis=-1).astype(v_BKSH.dtype)
-    out_BKRH = jax.lax.dot_general(probs_BKRS, v_BKSH, (((3,), (2,)), ((0, 1), (0, 1))))
-    return out_BKRH.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
-
-
 class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, param_dtype, dtype, quant, rngs: nnx.Rngs):
         D, N, K, H = config.dim, config.num_heads, config.num_kv_heads, config.head_dim
@@ -127,22 +108,11 @@ class Attention(nnx.Module):
         self.v_proj = Proj((D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
         self.o_proj = Proj((N, H), (D,), ("heads", "head_dim", "embed"), **kw)
 
-    def __call__(self, x_BTD, positions_BT, rope, mask_BTS, kv):
-        """Without a cache (`kv` None) the tokens attend to each other and their keys and values
-        are returned (`[B, K, T, H]`); with one (`[B, K, S, H]` each) they are written at their
-        positions first, and the tokens attend to the cache's first `mask_BTS.shape[-1]` positions."""
+    def __call__(self, x_BTD, rope, meta: AttentionMeta, cache: KVCache | None, layer):
         q_BTNH = apply_rope(self.q_proj(x_BTD), rope)
         k_BTKH = apply_rope(self.k_proj(x_BTD), rope)
-        v_BTKH = self.v_proj(x_BTD)
-        if kv is None:
-            k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
-        else:
-            rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
-            k_BKSH = kv[0].at[rows_B1, :, positions_BT].set(k_BTKH.astype(kv[0].dtype))
-            v_BKSH = kv[1].at[rows_B1, :, positions_BT].set(v_BTKH.astype(kv[1].dtype))
-        S = mask_BTS.shape[-1]
-        out_BTNH = attend(q_BTNH, k_BKSH[:, :, :S], v_BKSH[:, :, :S], mask_BTS)
-        return self.o_proj(out_BTNH), (k_BKSH, v_BKSH)
+        out_BTNH, cache = attention(q_BTNH, k_BTKH, self.v_proj(x_BTD), meta, cache, layer)
+        return self.o_proj(out_BTNH), cache
 
 
 class MLP(nnx.Module):
@@ -167,10 +137,29 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.dim, config.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(config, param_dtype=param_dtype, dtype=dtype, quant=quant, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, rope, mask_BTS, kv):
-        attn_BTD, kv = self.attn(self.attn_norm(x_BTD), positions_BT, rope, mask_BTS, kv)
+    def __call__(self, x_BTD, rope, meta: AttentionMeta, cache: KVCache | None, layer):
+        attn_BTD, cache = self.attn(self.attn_norm(x_BTD), rope, meta, cache, layer)
         h_BTD = x_BTD + attn_BTD
-        return h_BTD + self.mlp(self.mlp_norm(h_BTD)), kv
+        return h_BTD + self.mlp(self.mlp_norm(h_BTD)), cache
+
+
+def stacked_blocks(config: LlamaConfig, *, param_dtype, dtype, quant, rngs: nnx.Rngs) -> Block:
+    """All layers as one Block whose parameters have a leading `layers` axis (logical name
+    "layers"), so the forward pass is one `lax.scan` and compiles once however deep the model.
+    An int8 kernel's `quant_axes` count that axis too."""
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+        return Block(config, param_dtype=param_dtype, dtype=dtype, quant=quant, rngs=rngs)
+
+    blocks = create(rngs)
+    for _, var in nnx.iter_graph(blocks):
+        if isinstance(var, nnx.Param):
+            var.set_metadata(axes=("layers", *var.axes))
+            if "quant_axes" in var.get_metadata():
+                var.set_metadata(quant_axes=tuple(a + 1 for a in var.quant_axes))
+    return blocks
 
 
 class Llama(nnx.Module):
@@ -191,9 +180,7 @@ class Llama(nnx.Module):
         else:
             self.embed = nnx.Param(_INIT(rngs.params(), (V, D), param_dtype), axes=("vocab", "embed"))
             self.embed_scale = None
-        self.layers = nnx.List(
-            [Block(config, param_dtype=param_dtype, dtype=dtype, quant=quant, rngs=rngs) for _ in range(config.num_layers)]
-        )
+        self.layers = stacked_blocks(config, param_dtype=param_dtype, dtype=dtype, quant=quant, rngs=rngs)
         self.norm = RMSNorm(config.dim, config.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = (
             None
@@ -203,30 +190,26 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
         """Float32 logits `[B, T, V]` for tokens at the given positions (causal over positions)."""
-        return self.head(self.hidden(tokens_BT, positions_BT)[0])
+        return self.head(self.hidden(tokens_BT, AttentionMeta(positions_BT))[0])
 
     def hidden(
-        self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None, window: int | None = None
-    ) -> tuple[jax.Array, KVCache]:
-        """Final-norm hidden states `[B, T, D]` and the cache: the tokens' own keys and values
-        (`[B, K, T, H]` per layer) without a cache, else the given cache with them written in.
-        With a cache, attention reads only its first `window` positions (all by default): every
-        position must lie below it, and a long cache then costs only what is in use."""
+        self, tokens_BT: jax.Array, meta: AttentionMeta, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states `[B, T, D]`, and the cache with the tokens' keys and values
+        written where `meta` says (when a cache is given). One scan over the stacked layers."""
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
         if self.embed_scale is not None:
             x_BTD = x_BTD * jnp.take(self.embed_scale[...], tokens_BT, axis=0)[..., None].astype(self.dtype)
-        rope = rope_tables(positions_BT, self.config, self.dtype)
-        if cache is None:  # causal over the given positions
-            mask_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
-        else:  # every cached position up to the token's own
-            mask_BTS = jnp.arange(window or cache.length)[None, None, :] <= positions_BT[:, :, None]
-        ks, vs = [], []
-        for i, block in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x_BTD, (k, v) = block(x_BTD, positions_BT, rope, mask_BTS, kv)
-            ks.append(k)
-            vs.append(v)
-        return self.norm(x_BTD), KVCache(tuple(ks), tuple(vs))
+        rope = rope_tables(meta.positions_BT, self.config, self.dtype)
+        block_def, layers = nnx.split(self.layers)
+
+        def layer(carry, params):
+            x_BTD, cache, i = carry
+            x_BTD, cache = nnx.merge(block_def, params)(x_BTD, rope, meta, cache, i)
+            return (x_BTD, cache, i + 1), None
+
+        (x_BTD, cache, _), _ = jax.lax.scan(layer, (x_BTD, cache, 0), layers)
+        return self.norm(x_BTD), cache
 
     def head(self, x_BTD: jax.Array) -> jax.Array:
         """Float32 logits of hidden states (the tied embedding or lm_head)."""

@@ -3,11 +3,11 @@
     codellama-plan --model codellama-70b-instruct --devices 8 --device-memory 16GiB \\
                    --dtype bfloat16 --max-batch 8 --max-len 4096
 
-Weights and KV cache are exact: they come from the model's abstract parameters and the cache
-shape laid out by the same rule table as a real run (`sharding.py`), so replication (kv heads
-on a model axis larger than their count) is counted. Working memory is an estimate: one
-prefill of `max_len` tokens (attention scores, MLP activations, its keys and values) plus
-the per-row decode state. A plan fits when the sum stays within `usable` of device memory,
+Weights, KV cache and the rest of the runner's per-row state are exact: they come from the
+model's abstract parameters and the runner's abstract state laid out by the same rule table as a
+real run (`sharding.py`), so replication (kv heads on a model axis larger than their count) is
+counted. Working memory adds an estimate of one prefill of `max_len` tokens (attention scores,
+MLP activations, one layer's keys and values) to that per-row state. A plan fits when the sum stays within `usable` of device memory,
 the rest being left to XLA's own buffers. The command exits 0 when the plan fits, 2 when not.
 """
 
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from codellama_jax import sharding
+from codellama_jax import runner, sharding
 from codellama_jax.checkpoint import DTYPES
 from codellama_jax.config import PRESETS, LlamaConfig
 from codellama_jax.model import abstract_model
@@ -48,7 +48,8 @@ class Plan:
     usable: float
     weight_bytes: int
     cache_bytes: int
-    work_bytes: int
+    state_bytes: int  # the runner's other per-row state (logits, penalties, sampling settings), exact
+    work_bytes: int  # that state and one prefill's activations (an estimate)
     largest_batch: int  # at max_len; 0 when not even one row fits
 
     @property
@@ -109,7 +110,8 @@ def plan(
     weights = _weight_bytes(config, mesh, compute, quant)
 
     def need(batch: int) -> tuple[int, int]:
-        return _cache_bytes(config, mesh, batch, max_len, compute), _work_bytes(config, mesh, batch, max_len, compute)
+        cache, state = runner.state_bytes(config, mesh, batch, max_len, compute)
+        return cache, state + _prefill_bytes(config, mesh, max_len, compute)
 
     budget = usable * device_memory
     largest, step = 0, 1
@@ -120,9 +122,10 @@ def plan(
         if sum(need(largest + step)) + weights <= budget:
             largest += step
     cache, work = need(max_batch)
+    state = runner.state_bytes(config, mesh, max_batch, max_len, compute)[1]
     return Plan(
         config, mesh_shape, device_memory, dtype, np.dtype(compute).name, max_batch, max_len, usable,
-        weights, cache, work, largest,
+        weights, cache, state, work, largest,
     )  # fmt: skip
 
 
@@ -138,21 +141,14 @@ def _weight_bytes(config: LlamaConfig, mesh, param_dtype, quant) -> int:
     )
 
 
-def _cache_bytes(config: LlamaConfig, mesh, batch: int, length: int, dtype) -> int:
-    shape = (batch, config.num_kv_heads, length, config.head_dim)
-    return 2 * config.num_layers * _shard_bytes(mesh, sharding.CACHE_AXES, shape, np.dtype(dtype).itemsize)
-
-
-def _work_bytes(config: LlamaConfig, mesh, batch: int, length: int, dtype) -> int:
-    """One row's prefill at `length` (float32 attention scores of one layer, the MLP's three
-    activations, the prompt's keys and values before they enter the cache) and the decode
-    state (logits, counts and seen flags per row over the vocabulary)."""
+def _prefill_bytes(config: LlamaConfig, mesh, length: int, dtype) -> int:
+    """One prompt's prefill at `length`, one layer at a time: float32 attention scores, the
+    MLP's three activations, the layer's keys and values before they enter the cache."""
     itemsize = np.dtype(dtype).itemsize
     scores = _shard_bytes(mesh, ("heads", None, None), (config.num_heads, length, length), 4)
     mlp = 3 * _shard_bytes(mesh, (None, "mlp"), (length, config.ffn_dim), itemsize)
-    prompt_kv = _cache_bytes(config, mesh, 1, length, dtype)
-    state = _shard_bytes(mesh, ("batch", None), (batch, config.vocab_size), 4 + 4 + 1)
-    return scores + mlp + prompt_kv + state
+    kv = 2 * _shard_bytes(mesh, (None, "kv_heads", None), (length, config.num_kv_heads, config.head_dim), itemsize)
+    return scores + mlp + kv
 
 
 def parse_bytes(text: str) -> int:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from codellama_jax.weights import ParamPath
+from codellama_jax.weights import ParamPath, stored_tensors
 
 QUANTIZATIONS = (None, "int8")
 
@@ -42,8 +42,13 @@ def quantize_int8(w: jax.Array, in_axes: tuple[int, ...]) -> tuple[jax.Array, ja
 
 
 def int8_axes(state: nnx.State) -> dict[ParamPath, tuple[int, ...]]:
-    """The int8 parameters of a (possibly abstract) state, with the input axes of each."""
-    return {p: var.quant_axes for p, var in nnx.to_flat_state(state) if var.dtype == jnp.int8}
+    """The int8 tensors of a (possibly abstract) state by stored path (one per layer, see
+    weights.py), with the input axes of each."""
+    return {
+        stored: tuple(a - 1 for a in var.quant_axes) if layer is not None else var.quant_axes
+        for stored, _, layer, var in stored_tensors(state)
+        if var.dtype == jnp.int8
+    }
 
 
 def stored(path: ParamPath, weight, int8: dict[ParamPath, tuple[int, ...]]) -> dict[ParamPath, jax.Array]:

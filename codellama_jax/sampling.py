@@ -150,6 +150,14 @@ class SamplingArrays(NamedTuple):
         )
 
 
+    @classmethod
+    def neutral(cls, batch: int, vocab_size: int) -> SamplingArrays:
+        """Greedy rows with no processor active (for rows no request holds)."""
+        zeros, ones = jnp.zeros(batch, jnp.float32), jnp.ones(batch, jnp.float32)
+        return cls(zeros, jnp.zeros(batch, jnp.int32), ones, zeros, ones, zeros, zeros,
+                   jnp.zeros((batch, vocab_size), jnp.float32), jnp.zeros((batch, 2), jnp.uint32))  # fmt: skip
+
+
 # Each processor takes float32 logits [B, V] and per-row settings, and keeps rows whose setting
 # is the neutral value unchanged.
 

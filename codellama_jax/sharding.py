@@ -21,6 +21,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 DATA, MODEL = "data", "model"
 
 RULES: dict[str, str | None] = {
+    "layers": None,
     "batch": DATA,
     "vocab": MODEL,
     "heads": MODEL,
@@ -31,8 +32,6 @@ RULES: dict[str, str | None] = {
     "norm": None,
     "length": None,
 }
-
-CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
 def make_mesh(shape: Sequence[int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -76,8 +75,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def param_sharding(mesh: Mesh, variable) -> NamedSharding:
-    """Where a parameter lives, from its `axes` metadata."""
+def param_sharding(mesh: Mesh, variable, layer: int | None = None) -> NamedSharding:
+    """Where a parameter lives, from its `axes` metadata; with a `layer`, where one layer's
+    slice of a stacked parameter lives (the same split without the leading layers axis)."""
+    if layer is not None:
+        return named(mesh, variable.axes[1:], variable.shape[1:])
     return named(mesh, variable.axes, variable.shape)
 
 

@@ -4,6 +4,10 @@ HF stores linear weights PyTorch-style as `[out, in]`; our kernels are `[in..., 
 head structure kept (`q_proj` is `[D, N, H]`, `o_proj` is `[N, H, D]`), so a matrix is transposed
 and reshaped to the parameter's shape; the table says how many leading axes of the kernel are its
 input (0: copy as it is, for vectors and the embedding table).
+
+Tensors are stored one per layer (`layers.{i}.attn.q_proj.kernel`), as HF stores them, so that
+conversion streams one layer's tensor at a time; the model holds each as one variable stacked over
+layers (`layers.attn.q_proj.kernel`, `[L, ...]`), which its forward pass scans.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import re
 from typing import Iterator
 
 import numpy as np
+from flax import nnx
 
 from codellama_jax.config import LlamaConfig
 
@@ -66,3 +71,14 @@ def to_param(hf_name: str, array: np.ndarray, shape: tuple[int, ...], in_axes: i
     if tuple(array.shape) != hf_shape:
         raise ValueError(f"tensor {hf_name} has shape {list(array.shape)}, the model expects {list(hf_shape)}")
     return (array.T if in_axes else array).reshape(shape)
+
+
+def stored_tensors(state: nnx.State) -> Iterator[tuple[ParamPath, ParamPath, int | None, nnx.Variable]]:
+    """Each tensor of a (possibly abstract) model state as it is stored: (stored path, the
+    variable's path, layer index or None, the variable). A stacked variable is `L` tensors."""
+    for path, var in nnx.to_flat_state(state):
+        if path[0] == "layers":
+            for i in range(var.shape[0]):
+                yield ("layers", i, *path[1:]), path, i, var
+        else:
+            yield path, path, None, var

@@ -13,9 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
 
-from codellama_jax import demo_model
+from codellama_jax import buckets, demo_model
 from codellama_jax.checkpoint import FORMAT_FILE
 
 ENV_API_KEYS = "CODELLAMA_API_KEYS"
@@ -49,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "Kubernetes' default 30 s grace period)")  # fmt: skip
     parser.add_argument("--api-key-file", type=Path, help=f"file with API keys, one per line (also: ${ENV_API_KEYS}, comma-separated); "
                         "with keys set every /v1 route needs 'Authorization: Bearer <key>'")  # fmt: skip
+    parser.add_argument("--compile-cache", default=str(buckets.DEFAULT_CACHE_DIR), metavar="DIR",
+                        help="keep compiled programs here, so a restart compiles nothing compiled before; 'none' turns "
+                        "it off (default: %(default)s)")  # fmt: skip
     parser.add_argument("--allowed-origins", default="", metavar="ORIGINS",
                         help="comma-separated browser origins (e.g. https://app.example.com, or *) allowed to call the "
                         "API from a web page (CORS); default: none")  # fmt: skip
@@ -94,16 +96,6 @@ def served_name(path: Path) -> str:
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-async def warm_up(engine, params, longest: int = 1024, progress: bool = False) -> None:
-    """Compiles prefill for every prompt-length bucket up to `longest` tokens, and the decode step,
-    so that the first requests do not wait for XLA."""
-    lengths = [16 << i for i in range(16) if 16 << i <= min(longest, engine.max_len - 1)]
-    for length in tqdm(lengths, desc="compiling", unit="bucket", disable=not progress):
-        for handle in engine.submit([engine.model.tokenizer.bos_id or 0] * length, params):
-            async for _ in handle:
-                pass
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     handler = logging.StreamHandler()
@@ -127,7 +119,6 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
 
     from codellama_jax import load, make_mesh
     from codellama_jax.engine import Engine
-    from codellama_jax.sampling import SamplingParams
 
     from .app import ServerConfig, create_app
 
@@ -144,6 +135,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         except ValueError as e:
             raise ValueError(f"--mesh {args.mesh!r}: {e}") from None
     start = time.perf_counter()
+    buckets.use_compile_cache(None if args.compile_cache.lower() == "none" else args.compile_cache)
     interactive = sys.stderr.isatty()  # progress bars for people, plain log lines for log files
     model = load(path, dtype=args.dtype, mesh=mesh, quantize=args.quantize, progress=interactive)
     engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue)
@@ -151,13 +143,13 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     config = ServerConfig(args.served_model_name or served_name(path), (args.price_input, args.price_output), keys,
                           allowed_origins=origins)  # fmt: skip
     app = create_app(model, engine, config)
-    engine.start()
     try:
         weights = sum(x.nbytes for x in jax.tree.leaves(model.params))
         log.info("loaded %s in %.1fs: %.2fB parameters, %.2f GiB on %d device(s); compiling", path,
                  time.perf_counter() - start, model.config.num_params / 1e9, weights / 2**30, model.mesh.size)  # fmt: skip
-        await warm_up(engine, SamplingParams(temperature=0.0, max_tokens=1), progress=interactive)
-        log.info("compiled in %.1fs", time.perf_counter() - start)
+        await asyncio.to_thread(engine.warm_up)  # every shape up to --max-len (buckets.py), before the first request
+        engine.start()
+        log.info("ready in %.1fs (compile cache: %s)", time.perf_counter() - start, args.compile_cache)
         if signalled.is_set():
             return 0
         hyper = Config()

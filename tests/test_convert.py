@@ -43,7 +43,7 @@ def test_cli_converts_and_copies_assets(hf_dir, tmp_path):
     for name in ("config.json", "tokenizer.model", "tokenizer_config.json", "codellama_jax.json", "params"):
         assert (dst / name).exists(), name
     model = load(dst)
-    assert model.params["layers"][0]["attn"]["q_proj"]["kernel"].value.shape == (64, 4, 16)
+    assert model.params["layers"]["attn"]["q_proj"]["kernel"].value.shape[1:] == (64, 4, 16)  # [L, D, N, H]
     assert model.tokenizer.encode("hello") == load(hf_dir).tokenizer.encode("hello")
 
 

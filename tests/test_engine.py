@@ -14,7 +14,9 @@ from codellama_jax import generate, load, structured
 from codellama_jax.engine import Engine, EngineStopped, QueueFull
 from codellama_jax.errors import RequestError
 from codellama_jax.generation import output_grammar
+from codellama_jax.runner import Runner
 from codellama_jax.sampling import SamplingParams
+from codellama_jax.scheduler import Sequence
 
 from conftest import write_hf_checkpoint
 
@@ -113,14 +115,14 @@ def test_full_queue_and_oversized_requests_are_refused_at_once(model):
 
 def test_a_failing_request_fails_alone_and_a_failed_step_is_recovered(model, monkeypatch):
     engine = Engine(model, max_batch=4, max_len=64, steps_per_call=2)
-    advance = Engine._advance
+    advance = Sequence.advance
 
-    def poisoned(self, row, handle, host):
-        if handle.params.seed == 666:
+    def poisoned(self, *args):
+        if self.params.seed == 666:
             raise RuntimeError("injected")
-        return advance(self, row, handle, host)
+        return advance(self, *args)
 
-    monkeypatch.setattr(Engine, "_advance", poisoned)
+    monkeypatch.setattr(Sequence, "advance", poisoned)
     engine.start()
 
     async def outcome(handle):
@@ -139,16 +141,16 @@ def test_a_failing_request_fails_alone_and_a_failed_step_is_recovered(model, mon
                                     (PROMPTS[2], good)]))  # fmt: skip
         assert results[1] == "request failed: injected"
         assert results[0] == generate(model, [PROMPTS[0]], temperature=0.0, max_tokens=8)[0].token_ids
-        step = Engine._step
+        execute = Runner.execute
         calls = []
 
-        def failing_once(self):
+        def failing_once(self, plan):
             if not calls:
                 calls.append(1)
                 raise RuntimeError("device lost")
-            return step(self)
+            return execute(self, plan)
 
-        monkeypatch.setattr(Engine, "_step", failing_once)
+        monkeypatch.setattr(Runner, "execute", failing_once)
         assert asyncio.run(main([(PROMPTS[0], good)])) == ["generation failed: device lost"]
         assert asyncio.run(main([(PROMPTS[0], good)]))[0] == results[0]  # the engine serves on
     finally:

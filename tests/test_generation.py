@@ -3,13 +3,18 @@ the context-window error, and a bounded number of compiles."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 
 from codellama_jax import load
-from codellama_jax.generation import bucket, chat, decode_loop, generate, prefill, stream
+from codellama_jax import buckets
+from codellama_jax.generation import chat, generate, stream
+from codellama_jax.sampling import SamplingParams
+from codellama_jax.scheduler import Scheduler
+from jax._src.dispatch import BACKEND_COMPILE_EVENT
 
 from conftest import SP_VOCAB, write_hf_checkpoint
 
@@ -103,17 +108,35 @@ def test_max_tokens_zero_and_default(tiny):
     assert default.completion_tokens <= 8  # the rest of the 128-token context
 
 
-def test_compiles_are_bounded_by_buckets(tiny):
-    model, _ = tiny
-    rng = np.random.default_rng(5)
-    lengths = rng.integers(2, 60, 20)
-    before = prefill._cache_size(), decode_loop._cache_size()
-    for n in lengths:
-        generate(model, [rng.integers(3, SP_VOCAB, n).tolist()], temperature=0.0, max_tokens=8)
-    buckets = {(bucket(int(n)), bucket(int(n) + 8)) for n in lengths}
-    prefill_compiles = prefill._cache_size() - before[0]
-    decode_compiles = decode_loop._cache_size() - before[1]
-    assert prefill_compiles <= len(buckets) < 20 and decode_compiles <= len(buckets)
+def test_no_compile_after_warm_up_for_every_prompt_length(tiny):
+    """Warm-up covers every shape a server of this size meets: prompts of every length up to
+    max_len, alone and together, then compile nothing."""
+    model, _ = tiny  # a 128-token context
+    scheduler = Scheduler(model, max_batch=4, max_len=128, steps_per_call=3)
+    buckets.warm_up(scheduler)
+    compiles = []
+
+    def listener(event, seconds, **_):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        rng = np.random.default_rng(5)
+        done = []
+        for length in range(1, 125):
+            ids = rng.integers(3, SP_VOCAB, length).tolist()
+            params = SamplingParams(temperature=0.0, max_tokens=int(rng.integers(1, 129 - length)) if length < 127 else 1)
+            scheduler.add(scheduler.sequences(ids, params, lambda i: done.append))
+            if length % 5 == 0:  # several prompts at once, several decoding rows
+                while scheduler.has_work():
+                    scheduler.step()
+        while scheduler.has_work():
+            scheduler.step()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert sum(c.finish_reason is not None for c in done) == 124
+    assert compiles == []
 
 
 def test_stop_strings_across_tokens_in_generate_and_stream(tiny):

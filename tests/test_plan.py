@@ -1,39 +1,75 @@
-"""The memory planner against real allocations: its weight and KV-cache bytes per device equal
-those of a model loaded on a mesh of fake devices; and its CLI."""
+"""The memory planner against real allocations: its weight, KV-cache and state bytes per device
+equal what a model and an engine on a mesh of fake devices hold; and its CLI."""
 
 from __future__ import annotations
+
+import asyncio
+import collections
+import gc
 
 import jax
 import pytest
 
-from codellama_jax import load, sharding
+from codellama_jax import generate, load, sharding
 from codellama_jax.config import LlamaConfig
-from codellama_jax.generation import Batch
+from codellama_jax.engine import Engine
 from codellama_jax.plan import main, parse_bytes, plan
 from codellama_jax.sampling import SamplingParams
 
 from conftest import write_hf_checkpoint
 
 
-def _bytes_on_first_device(tree) -> int:
-    device = jax.devices()[0]
-    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+def _bytes_per_device(arrays) -> collections.Counter:
+    held = collections.Counter()
+    for x in arrays:
+        for shard in x.addressable_shards:
+            held[shard.device] += shard.data.nbytes
+    return held
+
+
+def _live_bytes_per_device() -> collections.Counter:
+    gc.collect()
+    return _bytes_per_device(jax.live_arrays())
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 @pytest.mark.parametrize("mesh_shape", [(1, 8), (2, 4)])
-def test_weights_and_cache_match_a_real_sharded_model(tmp_path, sp_dir, dtype, mesh_shape):
-    hf_dir = write_hf_checkpoint(tmp_path / "hf", sp_dir, num_attention_heads=8, num_key_value_heads=2)
-    mesh = sharding.make_mesh(mesh_shape)
-    model = load(hf_dir, dtype="float32", mesh=mesh, quantize="int8" if dtype == "int8" else None)
-    prompts = [[1, 2, 3]] * 4
-    batch = Batch(model, prompts, SamplingParams(temperature=0.0, max_tokens=20))
-    cache_len = batch.state.cache.length
-    result = plan(model.config, devices=8, device_memory=parse_bytes("1GiB"), dtype=dtype, max_batch=4,
-                  max_len=cache_len, mesh_shape=mesh_shape, compute_dtype="float32")  # fmt: skip
-    assert result.weight_bytes == _bytes_on_first_device(model.params)
-    assert result.cache_bytes == _bytes_on_first_device(batch.state.cache)
-    assert result.fits and result.largest_batch >= 4
+def test_an_engine_holds_what_the_planner_says_from_the_start(tmp_path, sp_dir, dtype, mesh_shape):
+    """Every device holds exactly the planner's share of weights, KV cache and per-row state,
+    from the moment the engine is built and after it served requests; greedy answers equal one
+    device's. (8 kv heads divide the model axis, so the cache is split, never replicated.)"""
+    hf_dir = write_hf_checkpoint(tmp_path / "hf", sp_dir, num_attention_heads=8, num_key_value_heads=8)
+    quantize = "int8" if dtype == "int8" else None
+    model = load(hf_dir, dtype="float32", mesh=sharding.make_mesh(mesh_shape), quantize=quantize)
+    expected = plan(model.config, devices=8, device_memory=parse_bytes("1GiB"), dtype=dtype, max_batch=4, max_len=64,
+                    mesh_shape=mesh_shape, compute_dtype="float32")  # fmt: skip
+    assert set(_bytes_per_device(jax.tree.leaves(model.params)).values()) == {expected.weight_bytes}
+    before = _live_bytes_per_device()
+    engine = Engine(model, max_batch=4, max_len=64, steps_per_call=3)
+    state_bytes = expected.cache_bytes + expected.state_bytes
+    small = 4096  # the runner's stop ids and the like
+
+    def held_by_engine() -> set[int]:
+        after = _live_bytes_per_device()
+        return {after[d] - before[d] for d in jax.devices()}
+
+    assert all(state_bytes <= held <= state_bytes + small for held in held_by_engine())
+    engine.start()
+    try:
+        answers = asyncio.run(_greedy(engine, PROMPTS))
+    finally:
+        engine.stop()
+    assert all(state_bytes <= held <= state_bytes + small for held in held_by_engine())
+    alone = generate(load(hf_dir, dtype="float32", quantize=quantize), PROMPTS, temperature=0.0, max_tokens=8)
+    assert answers == [c.token_ids for c in alone]
+
+
+PROMPTS = [[1, 5, 6, 7], [1, *range(10, 30)], [1, 9], [1, *range(40, 51)], [1, 3, 3]]
+
+
+async def _greedy(engine, prompts) -> list[list[int]]:
+    handles = [engine.submit(p, SamplingParams(temperature=0.0, max_tokens=8))[0] for p in prompts]
+    return [[t async for chunk in h for t in chunk.token_ids] for h in handles]
 
 
 def test_70b_figures():

@@ -63,15 +63,15 @@ def test_int8_logits_close_to_float_by_every_path(tiny):
     print({k: f"{v:.2%}" for k, v in errors.items()})
     assert max(errors.values()) < TINY_BOUND
     assert len({round(e, 6) for e in errors.values()}) == 1  # the same int8 weights every way
-    kernel = models["sharded (2, 4)"].module.layers[0].mlp.up_proj
+    kernel = models["sharded (2, 4)"].module.layers.mlp.up_proj  # [L, D, F], stacked over layers
     assert kernel.kernel[...].dtype == np.int8 and kernel.scale[...].dtype == np.float32
-    assert kernel.kernel[...].sharding.spec[1] == "model" and kernel.scale[...].sharding.spec[0] == "model"
+    assert kernel.kernel[...].sharding.spec[2] == "model" and kernel.scale[...].sharding.spec[1] == "model"
 
 
 def test_cli_quantize_flag(tiny, tmp_path):
     _, hf_dir, _ = tiny
     assert convert_cli([str(hf_dir), str(tmp_path / "q"), "--quantize", "int8", "--dtype", "float32", "--quiet"]) == 0
-    assert load(tmp_path / "q").module.layers[1].attn.q_proj.kernel[...].dtype == np.int8
+    assert load(tmp_path / "q").module.layers.attn.q_proj.kernel[...].dtype == np.int8
 
 
 def test_unknown_quantization_is_refused(tiny):

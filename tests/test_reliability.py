@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from codellama_jax.scheduler import Sequence
 from codellama_jax import generate, load
 from codellama_jax.serving.__main__ import parse_args
 
@@ -133,14 +134,14 @@ def test_clients_leaving_mid_stream_free_their_slots_and_tasks(server, model):
 
 def test_an_exception_in_one_request_fails_only_that_request(server, model, monkeypatch):
     url, engine, _ = server
-    advance = engine._advance
+    advance = Sequence.advance
 
-    def sabotaged(row, handle, host):  # a bug that strikes one request's processing only
-        if handle.params.seed == 4242:
+    def sabotaged(sequence, *args):  # a bug that strikes one request's processing only
+        if sequence.params.seed == 4242:
             raise RuntimeError("injected fault")
-        return advance(row, handle, host)
+        return advance(sequence, *args)
 
-    monkeypatch.setattr(engine, "_advance", sabotaged)
+    monkeypatch.setattr(Sequence, "advance", sabotaged)
     question = [{"role": "user", "content": "count"}]
 
     async def main():

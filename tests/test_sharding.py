@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from codellama_jax import generate, load, sharding
 from codellama_jax.checkpoint import convert
 from codellama_jax.convert import open_checkpoint
-from codellama_jax.generation import Batch
+from codellama_jax.scheduler import Scheduler
 from codellama_jax.sampling import SamplingParams
 
 from conftest import write_hf_checkpoint
@@ -80,16 +80,16 @@ def test_parameters_and_cache_are_laid_out_by_the_rules(case):
     name, path, _, _ = case
     mesh = sharding.make_mesh((2, 4))
     model = load(path, mesh=mesh)
-    layer = model.module.layers[0]
+    layer = model.module.layers  # stacked: a leading layers axis, never split
     kv_heads = None if name == "gqa-tied" else "model"  # 2 kv heads do not divide 4
     expected = {
         "embed": (model.module.embed, P("model", None)),
-        "q_proj": (layer.attn.q_proj.kernel, P(None, "model", None)),
-        "k_proj": (layer.attn.k_proj.kernel, P(None, kv_heads, None)),
-        "o_proj": (layer.attn.o_proj.kernel, P("model", None, None)),
-        "gate_proj": (layer.mlp.gate_proj.kernel, P(None, "model")),
-        "down_proj": (layer.mlp.down_proj.kernel, P("model", None)),
-        "norm": (layer.attn_norm.scale, P(None)),
+        "q_proj": (layer.attn.q_proj.kernel, P(None, None, "model", None)),
+        "k_proj": (layer.attn.k_proj.kernel, P(None, None, kv_heads, None)),
+        "o_proj": (layer.attn.o_proj.kernel, P(None, "model", None, None)),
+        "gate_proj": (layer.mlp.gate_proj.kernel, P(None, None, "model")),
+        "down_proj": (layer.mlp.down_proj.kernel, P(None, "model", None)),
+        "norm": (layer.attn_norm.scale, P(None, None)),
     }
     if model.module.lm_head is not None:
         expected["lm_head"] = (model.module.lm_head.kernel, P(None, "model"))
@@ -99,12 +99,17 @@ def test_parameters_and_cache_are_laid_out_by_the_rules(case):
         shard_shape = tuple(n // (4 if s == "model" else 1) for n, s in zip(array.shape, spec))
         assert {s.data.shape for s in array.addressable_shards} == {shard_shape}, what
 
-    batch = Batch(model, PROMPTS, SamplingParams(temperature=0.0, max_tokens=4))
-    batch.decode(2)
-    for cache in (batch.state.cache.k[0], batch.state.cache.v[-1]):
-        assert laid_out(cache, mesh, P("data", kv_heads, None, None))
-    assert laid_out(batch.state.logits_BV, mesh, P("data", None))
-    assert batch.state.tokens_BN.sharding.is_fully_replicated
+    scheduler = Scheduler(model, max_batch=4, max_len=64)
+    for when in ("built", "after a request"):
+        state = scheduler.runner.state
+        for cache in state.cache:  # [L, B, K, S, H]
+            assert laid_out(cache, mesh, P(None, "data", kv_heads, None, None)), when
+        assert laid_out(state.logits_BV, mesh, P("data", None)) and laid_out(state.positions_B, mesh, P("data")), when
+        done = []
+        scheduler.add(scheduler.sequences(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4), lambda i: done.append))
+        while scheduler.has_work():
+            scheduler.step()
+        assert done[-1].finish_reason == "length"
 
 
 def laid_out(array: jax.Array, mesh, spec: P) -> bool:
@@ -114,7 +119,7 @@ def laid_out(array: jax.Array, mesh, spec: P) -> bool:
 def test_hf_directory_loads_sharded(tmp_path, sp_dir):
     hf_dir = write_hf_checkpoint(tmp_path / "hf", sp_dir, **CONFIGS["mha"])
     single, sharded = load(hf_dir), load(hf_dir, mesh=sharding.make_mesh((2, 4)))
-    assert laid_out(sharded.module.layers[1].mlp.up_proj.kernel[...], sharded.mesh, P(None, "model"))
+    assert laid_out(sharded.module.layers.mlp.up_proj.kernel[...], sharded.mesh, P(None, None, "model"))
     np.testing.assert_allclose(sharded.logits(PROMPTS[:3]), single.logits(PROMPTS[:3]), atol=2e-5, rtol=1e-5)
 
 

@@ -1,0 +1,100 @@
+"""Compile policy: which shapes the jitted runner is ever called with, warm-up over all of them,
+and JAX's persistent compilation cache.
+
+Every size a call depends on is padded to a power of two: prompt length (from 16), prompts per
+prefill call (while prompts x length stays within a token budget), decode rows (from 1) and the
+cache window a decode call attends to (from 64). So a server of `max_batch` rows and `max_len`
+tokens meets a small, known set of shapes, and `warm_up` compiles them all before serving. Left
+lazy: decode with top logprobs (compiled by the first request that asks, as it doubles the decode
+shapes) and prefill of a prompt with n > 1 samples (the same, rarely asked).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import jax
+
+log = logging.getLogger(__name__)
+
+PROMPT_MIN, WINDOW_MIN = 16, 64
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "codellama-jax" / "xla"
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Sizes are padded to powers of two so that the number of compiles stays small."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def prompt_bucket(length: int, max_len: int) -> int:
+    return min(bucket(length, PROMPT_MIN), max_len)
+
+
+def rows_bucket(rows: int, max_batch: int) -> int:
+    return min(bucket(rows, 1), max_batch)
+
+
+def window_bucket(positions: int, max_len: int) -> int:
+    """Cache positions a decode call attends to when its rows reach `positions`."""
+    return min(bucket(positions, WINDOW_MIN), max_len)
+
+
+def prompts_per_call(T: int, max_batch: int, max_len: int) -> int:
+    """How many prompts of bucket `T` one prefill call takes: as many as fit `max_len` tokens
+    (one long prompt per call; many short ones together), at most `max_batch`."""
+    return max(1, min(max_batch, max_len // T))
+
+
+def prefill_shapes(max_batch: int, max_len: int) -> list[tuple[int, int]]:
+    """Every (prompts, prompt length) a prefill call can have."""
+    shapes, T = [], PROMPT_MIN
+    while True:
+        T = min(T, max_len)
+        P = 1
+        while P <= prompts_per_call(T, max_batch, max_len):
+            shapes.append((P, T))
+            P *= 2
+        if T == max_len:
+            return shapes
+        T *= 2
+
+
+def decode_shapes(max_batch: int, max_len: int) -> list[tuple[int, int]]:
+    """Every (rows, window) a decode call can have."""
+    rows = [min(1 << i, max_batch) for i in range(max_batch.bit_length()) if 1 << i <= max_batch]
+    windows, W = [], WINDOW_MIN
+    while True:
+        windows.append(min(W, max_len))
+        if W >= max_len:
+            break
+        W *= 2
+    return [(b, W) for b in rows for W in windows]
+
+
+def use_compile_cache(directory: str | Path | None = DEFAULT_CACHE_DIR) -> None:
+    """Keeps every compiled program in `directory` (None: off), so that a restart loads what an
+    earlier run compiled instead of compiling it again."""
+    if directory is None:
+        jax.config.update("jax_compilation_cache_dir", None)
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def warm_up(scheduler) -> float:
+    """Compiles every prefill and decode shape the scheduler can meet (nothing runs); returns
+    the seconds it took."""
+    start = time.perf_counter()
+    shapes = prefill_shapes(scheduler.max_batch, scheduler.max_len), decode_shapes(scheduler.max_batch, scheduler.max_len)
+    for P, T in shapes[0]:
+        scheduler.runner.compile_prefill(P, T)
+    for b, W in shapes[1]:
+        scheduler.runner.compile_decode(b, W, scheduler.steps_per_call)
+    seconds = time.perf_counter() - start
+    log.info("warm-up: %d prefill and %d decode shapes in %.1f s", len(shapes[0]), len(shapes[1]), seconds)
+    return seconds
