@@ -195,7 +195,7 @@ class Runner:
         return Output(tuple(rows), *(x[:n] for x in host))
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)
 def _jitted(config, max_batch: int, max_len: int, dtype, shardings: RunnerState):
     """The runner's jitted functions for one state shape and layout, shared by every runner of
     that shape (so a `generate()` call compiles nothing an earlier one did)."""

@@ -41,3 +41,8 @@ def test_serve_benchmark(tiny):
         out = _run("benchmarks/serve.py", "--url", url, "--api-key", KEY, "--model", NAME, "--clients", "1", "2",
                    "--seconds", "2", "--max-tokens", "4")  # fmt: skip
     assert len(out.strip().splitlines()) == 3, out
+
+
+def test_compile_benchmark(tiny):
+    out = _run("benchmarks/compile.py", "--layers", "1", "2", "--model", str(tiny), "--restart-max-len", "64")
+    assert "server start to serving" in out and len([line for line in out.splitlines() if line.endswith("x")]) == 2, out
