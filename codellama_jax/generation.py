@@ -89,10 +89,11 @@ def _tokenizer(model: Model):
     return model.tokenizer
 
 
-def _scheduler(model: Model, prompts: Sequence[list[int]], params: SamplingParams) -> Scheduler:
-    """A scheduler with a row for every sample and room for the longest request."""
+def _scheduler(model: Model, prompts: Sequence[list[int]], params: SamplingParams, steps: int) -> Scheduler:
+    """A scheduler with a row for every sample, room for the longest request, `steps` decode
+    steps per call."""
     longest = max(len(ids) + max_new_tokens(model, len(ids), params.max_tokens) for ids in prompts)
-    return Scheduler(model, max_batch=len(prompts) * params.n, max_len=longest, steps_per_call=GENERATE_STEPS)
+    return Scheduler(model, max_batch=len(prompts) * params.n, max_len=longest, steps_per_call=steps)
 
 
 def generate(
@@ -126,7 +127,7 @@ def generate(
     ids = [prompt_ids(model, p, offered) for p in prompts]
     if params.stop or params.logprobs:
         _tokenizer(model)
-    scheduler = _scheduler(model, ids, params)
+    scheduler = _scheduler(model, ids, params, GENERATE_STEPS)
     chunks: list[list] = [[] for _ in range(len(ids) * params.n)]
     for p, prompt in enumerate(ids):
         scheduler.add(scheduler.sequences(prompt, params, lambda i, p=p: chunks[p * params.n + i].append, grammar, offered))
@@ -159,10 +160,9 @@ def stream(model: Model, prompt: Prompt, *, response_format: Mapping[str, Any] |
         raise ValueError("stream() produces one completion; use generate() for n > 1")
     ids = prompt_ids(model, prompt)
     _tokenizer(model)
-    scheduler = _scheduler(model, [ids], params)
+    scheduler = _scheduler(model, [ids], params, steps=1)  # each token's text as soon as it is decoded
     chunks: list = []
     scheduler.add(scheduler.sequences(ids, params, lambda i: chunks.append, output_grammar(model, response_format)))
-    scheduler.steps_per_call = 1  # each token's text as soon as it is decoded
     while scheduler.has_work():
         scheduler.step()
         for chunk in chunks:

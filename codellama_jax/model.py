@@ -1,9 +1,9 @@
 """The Llama transformer in Flax NNX.
 
 Shape letters: L layers, B batch, T query length, S key length, D model dim, N query heads,
-K kv heads, G query heads per kv head, H head dim, F mlp dim, V vocab. Every parameter carries logical axis
-names (`axes` metadata) that `sharding.py` maps to mesh axes; model code never names a
-mesh axis.
+K kv heads, G query heads per kv head, H head dim, F mlp dim, V vocab. Every parameter carries
+logical axis names (`axes` metadata) that `sharding.py` maps to mesh axes; model code never names
+a mesh axis. The layers are one Block with stacked parameters, applied by one `lax.scan`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from codellama_jax import sharding
+from codellama_jax import sharding, structured
 from codellama_jax.attention import AttentionMeta
 from codellama_jax.kv_cache import AXES as CACHE_AXES
 from codellama_jax.kv_cache import KVCache
@@ -98,7 +98,14 @@ class Output:
 
 def state_shardings(config, mesh, max_batch: int, max_len: int, dtype) -> RunnerState:
     """Where every array of a runner's state lives (`sharding.RULES` applied to `_state_axes`)."""
-    abstract = jax.eval_shape(functools.partial(_empty, config, max_batch, max_len, dtype))
+    return _shardings(mesh, _abstract(config, max_batch, max_len, dtype))
+
+
+def _abstract(config, max_batch: int, max_len: int, dtype) -> RunnerState:
+    return jax.eval_shape(functools.partial(_empty, config, max_batch, max_len, dtype))
+
+
+def _shardings(mesh, abstract: RunnerState) -> RunnerState:
     return jax.tree.map(
         lambda a, x: sharding.named(mesh, a, x.shape), _state_axes(abstract), abstract,
         is_leaf=lambda a: isinstance(a, tuple) and all(isinstance(n, (str, type(None))) for n in a),
@@ -108,8 +115,8 @@ def state_shardings(config, mesh, max_batch: int, max_len: int, dtype) -> Runner
 def state_bytes(config, mesh, max_batch: int, max_len: int, dtype) -> tuple[int, int]:
     """Bytes of a runner's state on its fullest device: (KV cache, everything else), exactly,
     without allocating (the memory planner's figures)."""
-    abstract = jax.eval_shape(functools.partial(_empty, config, max_batch, max_len, dtype))
-    shardings = state_shardings(config, mesh, max_batch, max_len, dtype)
+    abstract = _abstract(config, max_batch, max_len, dtype)
+    shardings = _shardings(mesh, abstract)
 
     def on_device(tree, tree_shardings) -> int:
         return sum(
@@ -175,7 +182,7 @@ class Runner:
         """Compiles the decode call of this shape without running it (warm-up); returns the
         compiled program (for its memory analysis)."""
         m = self.model
-        free_bW = np.full((b, (m.config.vocab_size + 31) // 32), -1, np.int32)
+        free_bW = structured.fill_bitmask([None] * b, m.config.vocab_size)
         args = self._put((np.full(b, self.max_batch, np.int32), free_bW, np.int32(steps)))
         return self._decode.lower(m.graphdef, steps, window, 0, m.params, self.state, self.stop_ids, *args).compile()
 

@@ -234,7 +234,7 @@ class Scheduler:
         constrained = any(seq.constraint is not None for _, seq in live)
         steps = self.steps_per_call
         furthest = max(len(seq.prompt_ids) + seq.completion_tokens for _, seq in live)
-        by_shape: dict[tuple[int, int], list[list[Fill]]] = {}
+        by_shape: dict[int, list[list[Fill]]] = {}  # prompt bucket -> prefill calls
         for fill in fills:
             T = buckets.prompt_bucket(len(fill.prompt), self.max_len)
             groups = by_shape.setdefault(T, [[]])
@@ -291,17 +291,14 @@ class Scheduler:
 
     def fail_all(self, error: BaseException) -> None:
         """Ends every running and waiting sequence with `error`."""
-        for row, seq in enumerate(self.rows):
-            if seq is not None:
-                seq.deliver(error)
-                self.rows[row] = None
+        self._fail_running(error)
         self.fail_waiting(error)
 
     def fail_waiting(self, error: BaseException) -> None:
-        while self.waiting:
+        while True:
             try:
                 sequences = self.waiting.popleft()
-            except IndexError:
+            except IndexError:  # empty (checked this way: requests are added from another thread)
                 return
             for seq in sequences:
                 seq.deliver(error)
@@ -309,8 +306,11 @@ class Scheduler:
     def reset(self, error: BaseException) -> None:
         """Fails the running sequences and starts over from an empty state (after a device
         failure left it unknown); waiting requests stay queued."""
+        self._fail_running(error)
+        self.runner.reset()
+
+    def _fail_running(self, error: BaseException) -> None:
         for row, seq in enumerate(self.rows):
             if seq is not None:
                 seq.deliver(error)
                 self.rows[row] = None
-        self.runner.reset()

@@ -83,12 +83,6 @@ def param_sharding(mesh: Mesh, variable, layer: int | None = None) -> NamedShard
     return named(mesh, variable.axes, variable.shape)
 
 
-def constrain(x: jax.Array, mesh: Mesh, axes: Sequence[str | None]) -> jax.Array:
-    """Inside jit: lay `x` out by its logical axes (trailing axes not named are replicated)."""
-    axes = tuple(axes) + (None,) * (x.ndim - len(axes))
-    return jax.lax.with_sharding_constraint(x, named(mesh, axes, x.shape))
-
-
 def put(tree, mesh: Mesh):
     """Host values (numpy or single-device arrays) as arrays replicated over the mesh. When the
     mesh spans several processes, process 0's values are used on all of them, so that values
