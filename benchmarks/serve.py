@@ -2,9 +2,14 @@
 
     make serve &                                   # or codellama-serve --model ...
     python benchmarks/serve.py --url http://127.0.0.1:8000 --clients 1 4 16 --seconds 30
+    python benchmarks/serve.py --clients 1 16 --against http://127.0.0.1:8080   # e.g. llama.cpp's llama-server
+    python benchmarks/serve.py --clients 1 --library .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
 Prints, per client count, requests/s, output tokens/s, time to first token p50/p99 and the
-throughput relative to one client (what continuous batching buys).
+throughput relative to one client (what continuous batching buys). `--against` runs the same
+workload on a second OpenAI endpoint right after and prints its row and our ratios to it;
+`--library` first runs the same prompts one after another through `generate()` in this process
+(batch 1, same settings) and prints one client's tokens/s as a fraction of that.
 """
 
 from __future__ import annotations
@@ -43,8 +48,25 @@ async def client_loop(client, model: str, deadline: float, max_tokens: int, seed
         i += 1
 
 
+def library_rate(path: str, seconds: float, max_tokens: int) -> float:
+    """Output tokens/s of the same requests through `generate()` at batch 1, one after another."""
+    from codellama_jax import generate, load
+
+    model = load(path)
+    ask = lambda i: generate(model, [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]],  # noqa: E731
+                             max_tokens=max_tokens, temperature=0.7, seed=i)[0].completion_tokens  # fmt: skip
+    ask(0)  # compiles
+    tokens, i, start = 0, 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        tokens += ask(i)
+        i += 1
+    return tokens / (time.perf_counter() - start)
+
+
 async def run(url: str, api_key: str, model: str | None, clients: int, seconds: float, max_tokens: int) -> dict:
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=600) as client:
+    # the SDK's default retries, as applications use it: some servers (llama-server) close idle
+    # keep-alive connections, and a request sent on one is retried on a fresh connection
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, timeout=600) as client:
         model = model or (await client.models.list()).data[0].id
         results: list = []
         start = time.perf_counter()
@@ -69,15 +91,37 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--against", metavar="URL", help="a second OpenAI endpoint to run the same workload on")
+    parser.add_argument("--against-model", help="its model name (default: its first model)")
+    parser.add_argument("--against-key", default="none", help="a key it accepts, if it requires one")
+    parser.add_argument("--library", metavar="MODEL", help="also run the requests through generate() on this checkpoint")
     args = parser.parse_args()
-    print(f"{'clients':>8}{'requests':>10}{'req/s':>8}{'out tok/s':>11}{'TTFT p50 s':>12}{'TTFT p99 s':>12}{'vs 1 client':>13}")
-    base = None
-    for clients in args.clients:
-        r = asyncio.run(run(args.url, args.api_key, args.model, clients, args.seconds, args.max_tokens))
-        base = base or (r["tokens_s"] if clients == 1 else None)
-        ratio = f"{r['tokens_s'] / base:.2f}x" if base else "-"
-        print(f"{clients:>8}{r['requests']:>10}{r['requests_s']:>8.2f}{r['tokens_s']:>11.1f}"
-              f"{r['ttft_p50']:>12.3f}{r['ttft_p99']:>12.3f}{ratio:>13}")  # fmt: skip
+    reference = library_rate(args.library, args.seconds, args.max_tokens) if args.library else None
+    if reference:
+        print(f"generate() at batch 1: {reference:.1f} tok/s")
+    print(f"{'server':>8}{'clients':>8}{'requests':>10}{'req/s':>8}{'out tok/s':>11}{'TTFT p50 s':>12}{'TTFT p99 s':>12}"
+          f"{'vs 1 client':>13}{'vs other':>10}")  # fmt: skip
+    targets = [("ours", args.url, args.api_key, args.model)]
+    if args.against:
+        targets.append(("other", args.against, args.against_key, args.against_model))
+    results = {}
+    for name, url, key, model in targets:
+        base = None
+        for clients in args.clients:
+            r = results[name, clients] = asyncio.run(run(url, key, model, clients, args.seconds, args.max_tokens))
+            base = base or (r["tokens_s"] if clients == 1 else None)
+            ratio = f"{r['tokens_s'] / base:.2f}x" if base else "-"
+            other = results.get(("ours", clients)) if name == "other" else None
+            versus = f"{other['tokens_s'] / r['tokens_s']:.2f}x" if other else "-"
+            print(f"{name:>8}{clients:>8}{r['requests']:>10}{r['requests_s']:>8.2f}{r['tokens_s']:>11.1f}"
+                  f"{r['ttft_p50']:>12.3f}{r['ttft_p99']:>12.3f}{ratio:>13}{versus:>10}")  # fmt: skip
+    if reference and ("ours", 1) in results:
+        print(f"one client: {results['ours', 1]['tokens_s'] / reference:.2f}x generate() at batch 1")
+    if args.against:
+        for clients in args.clients:
+            ours, other = results["ours", clients], results["other", clients]
+            print(f"{clients} client(s): {ours['tokens_s'] / other['tokens_s']:.2f}x the other's tokens/s, "
+                  f"time to first token {other['ttft_p50'] / ours['ttft_p50']:.2f}x as fast (p50)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jax
 import pytest
 import sentencepiece as spm
 import torch
@@ -40,6 +41,15 @@ CORPUS = [
     "SELECT name, count(*) FROM users WHERE age > 21 GROUP BY name;",
     "Hello world! Hello again, world. How are you today?",
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each test module's compiled programs go when it ends: XLA:CPU maps memory for every
+    executable, and one process holding the thousands this suite compiles would pass the kernel's
+    limit on mappings (vm.max_map_count, 65530) and crash inside a compile."""
+    yield
+    jax.clear_caches()
 
 
 @pytest.fixture(scope="session")

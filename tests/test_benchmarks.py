@@ -37,10 +37,12 @@ def test_structured_benchmark(tiny):
 def test_serve_benchmark(tiny):
     from codellama_jax import load
 
-    with running_server(load(tiny), max_batch=2) as (url, _, _):
+    with running_server(load(tiny), max_batch=2) as (url, _, _):  # compared with itself, and with the library
         out = _run("benchmarks/serve.py", "--url", url, "--api-key", KEY, "--model", NAME, "--clients", "1", "2",
-                   "--seconds", "2", "--max-tokens", "4")  # fmt: skip
-    assert len(out.strip().splitlines()) == 3, out
+                   "--seconds", "2", "--max-tokens", "4", "--against", url, "--against-key", KEY,
+                   "--against-model", NAME, "--library", str(tiny))  # fmt: skip
+    lines = out.strip().splitlines()
+    assert len(lines) == 9 and "x generate() at batch 1" in out and "2 client(s):" in lines[-1], out
 
 
 def test_compile_benchmark(tiny):
