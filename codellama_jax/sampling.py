@@ -246,19 +246,49 @@ def process(logits_BV, s: SamplingArrays, counts_BV, seen_BV, allowed_BW=None):
     return apply_min_p(logits_BV, s.min_p)
 
 
+def draw(probs_BV, u_B):
+    """Inverse-CDF sampling: per row the token where the cumulative probability passes `u`
+    (uniform in [0, 1)). One random number per row, where a Gumbel draw needs one per vocabulary
+    entry (~6x faster at 16 rows x 49k tokens on CPU). Two levels, chunks of `_CHUNK` tokens and
+    then a token within its chunk, keep the float32 running sums accurate for rare tokens."""
+    B, V = probs_BV.shape
+    C = _CHUNK
+    probs_BMC = jnp.pad(probs_BV, ((0, 0), (0, -V % C))).reshape(B, -1, C)
+
+    def first_past(weights_BN, target_B):
+        """The first index whose running sum exceeds the target, never one of weight 0."""
+        cdf_BN = jnp.cumsum(weights_BN, axis=-1)
+        N = weights_BN.shape[-1]
+        last_B = N - 1 - jnp.argmax((weights_BN > 0)[:, ::-1], axis=-1)  # when rounding runs past the end
+        index_B = jnp.minimum(jnp.sum(cdf_BN <= target_B[:, None], axis=-1), last_B)
+        before_B = jnp.take_along_axis(cdf_BN, index_B[:, None], axis=-1)[:, 0] - jnp.take_along_axis(
+            weights_BN, index_B[:, None], axis=-1
+        )[:, 0]
+        return index_B, target_B - before_B
+
+    chunk_mass_BM = probs_BMC.sum(axis=-1)
+    chunk_B, rest_B = first_past(chunk_mass_BM, u_B * chunk_mass_BM.sum(axis=-1))
+    in_chunk_BC = jnp.take_along_axis(probs_BMC, chunk_B[:, None, None], axis=1)[:, 0]
+    token_B, _ = first_past(in_chunk_BC, rest_B)
+    return chunk_B * C + token_B
+
+
+_CHUNK = 256
+
+
 def sample(logits_BV, s: SamplingArrays, counts_BV, seen_BV, positions_B, allowed_BW=None):
     """Next token per row: argmax where temperature is 0, else a draw from the processed
     distribution with the row's key folded with the position (same seed, same tokens); only
     tokens `allowed_BW` allows (see `apply_token_bitmask`), when given."""
     processed_BV = process(logits_BV, s, counts_BV, seen_BV, allowed_BW)
 
-    def draw(key, position, row_logits):
-        return jax.random.categorical(jax.random.fold_in(jax.random.wrap_key_data(key), position), row_logits)
+    def uniform(key, position):
+        return jax.random.uniform(jax.random.fold_in(jax.random.wrap_key_data(key), position))
 
     greedy_B = jnp.argmax(processed_BV, axis=-1)
     drawn_B = jax.lax.cond(  # no random draws at all when every row is greedy
         jnp.any(s.temperature > 0),
-        lambda: jax.vmap(draw)(s.key, positions_B, processed_BV),
+        lambda: draw(jax.nn.softmax(processed_BV, axis=-1), jax.vmap(uniform)(s.key, positions_B)),
         lambda: greedy_B,
     )
     return jnp.where(s.temperature > 0, drawn_B, greedy_B).astype(jnp.int32)

@@ -14,6 +14,7 @@ from transformers.generation import logits_process as hf
 from codellama_jax.sampling import (
     SamplingArrays,
     SamplingParams,
+    draw,
     apply_min_p,
     apply_presence_frequency,
     apply_repetition_penalty,
@@ -158,3 +159,22 @@ def test_out_of_range_settings_are_refused(field, value, message):
 def test_numpy_numbers_and_null_stop_are_accepted():
     p = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(3), stop=None)
     assert p.stop == () and p.top_k == 3
+
+
+def test_inverse_cdf_draw_follows_the_probabilities_across_chunks():
+    """`draw` on evenly spaced uniforms reproduces each probability to the grid's resolution,
+    rare tokens in any chunk included, and never returns a token of probability 0."""
+    rng = np.random.default_rng(0)
+    probs = rng.exponential(1.0, 1000) ** 4  # heavy tail: many tokens of tiny probability
+    probs[rng.choice(1000, 300, replace=False)] = 0.0
+    probs[-5:] = 0.0  # the last tokens (and the padding of the last chunk) cannot be drawn
+    probs /= probs.sum()
+    grid = 200_000
+    u = (np.arange(grid) + 0.5) / grid
+    rows = jnp.broadcast_to(jnp.asarray(probs, jnp.float32), (grid, 1000))
+    tokens = np.asarray(jax.jit(draw)(rows, jnp.asarray(u, jnp.float32)))
+    counts = np.bincount(tokens, minlength=1000)
+    assert counts[probs == 0].sum() == 0
+    np.testing.assert_allclose(counts / grid, probs, atol=3 / grid)
+    edge = np.asarray(draw(jnp.asarray(probs[None], jnp.float32), jnp.asarray([np.nextafter(np.float32(1), 0)])))
+    assert edge[0] == np.flatnonzero(probs)[-1]
