@@ -106,6 +106,7 @@ def main() -> None:
     for size in args.batches:
         n = args.new_tokens
         engine = Engine(model, max_batch=size, max_len=1024)
+        engine.warm_up()  # as the server does before it serves
         engine.start()
         for _ in range(2):  # the first round compiles
             free, _ = decode_rate(model, size, n, None, n)
