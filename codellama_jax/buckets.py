@@ -4,19 +4,23 @@ and JAX's persistent compilation cache.
 Every size a call depends on is padded to a power of two: prompt length (from 16), prompts per
 prefill call (while prompts x length stays within a token budget), decode rows (from 1) and the
 cache window a decode call attends to (from 64). So a server of `max_batch` rows and `max_len`
-tokens meets a small, known set of shapes, and `warm_up` compiles them all before serving. Left
-lazy: decode with top logprobs (compiled by the first request that asks, as it doubles the decode
-shapes) and prefill of a prompt with n > 1 samples (the same, rarely asked).
+tokens meets a small, known set of shapes, and `warm_up` compiles them all before serving, decode
+with top logprobs included. Left lazy: prefill of a prompt with n > 1 samples (compiled by the
+first such request of each prompt bucket; it would double the prefill shapes for a rare request).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
+
+from codellama_jax.sampling import MAX_TOP_LOGPROBS
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +47,10 @@ def window_bucket(positions: int, max_len: int) -> int:
 
 
 def prompts_per_call(T: int, max_batch: int, max_len: int) -> int:
-    """How many prompts of bucket `T` one prefill call takes: as many as fit `max_len` tokens
-    (one long prompt per call; many short ones together), at most `max_batch`."""
-    return max(1, min(max_batch, max_len // T))
+    """How many prompts of bucket `T` one prefill call takes: the most, a power of two, that fit
+    `max_len` tokens (one long prompt per call; many short ones together) and `max_batch` rows."""
+    fit = max(1, min(max_batch, max_len // T))
+    return 1 << (fit.bit_length() - 1)
 
 
 def prefill_shapes(max_batch: int, max_len: int) -> list[tuple[int, int]]:
@@ -64,7 +69,7 @@ def prefill_shapes(max_batch: int, max_len: int) -> list[tuple[int, int]]:
 
 def decode_shapes(max_batch: int, max_len: int) -> list[tuple[int, int]]:
     """Every (rows, window) a decode call can have."""
-    rows = [min(1 << i, max_batch) for i in range(max_batch.bit_length()) if 1 << i <= max_batch]
+    rows = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
     windows, W = [], WINDOW_MIN
     while True:
         windows.append(min(W, max_len))
@@ -86,15 +91,19 @@ def use_compile_cache(directory: str | Path | None = DEFAULT_CACHE_DIR) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def warm_up(scheduler) -> float:
-    """Compiles every prefill and decode shape the scheduler can meet (nothing runs); returns
-    the seconds it took."""
+def warm_up(scheduler, stop: Callable[[], bool] = lambda: False) -> float:
+    """Compiles every prefill and decode shape the scheduler can meet (nothing runs), unless
+    `stop()` says to give up (a shutdown asked for meanwhile); returns the seconds it took."""
     start = time.perf_counter()
-    shapes = prefill_shapes(scheduler.max_batch, scheduler.max_len), decode_shapes(scheduler.max_batch, scheduler.max_len)
-    for P, T in shapes[0]:
-        scheduler.runner.compile_prefill(P, T)
-    for b, W in shapes[1]:
-        scheduler.runner.compile_decode(b, W, scheduler.steps_per_call)
+    runner, steps = scheduler.runner, scheduler.steps_per_call
+    top_k = min(MAX_TOP_LOGPROBS, scheduler.model.config.vocab_size)
+    compiles = [functools.partial(runner.compile_prefill, P, T) for P, T in prefill_shapes(scheduler.max_batch, scheduler.max_len)]
+    compiles += [functools.partial(runner.compile_decode, b, W, steps, k)
+                 for b, W in decode_shapes(scheduler.max_batch, scheduler.max_len) for k in (0, top_k)]  # fmt: skip
+    for compile_one in compiles:
+        if stop():
+            break
+        compile_one()
     seconds = time.perf_counter() - start
-    log.info("warm-up: %d prefill and %d decode shapes in %.1f s", len(shapes[0]), len(shapes[1]), seconds)
+    log.info("warm-up: %d shapes compiled in %.1f s", len(compiles), seconds)
     return seconds

@@ -138,14 +138,15 @@ def check_format(path: str | Path) -> str | None:
 
 def iter_params(path: str | Path, abstract_state: nnx.State, sharding) -> Iterator[tuple[weights.ParamPath, jax.Array]]:
     """(stored path, array) for every stored tensor, each restored straight into
-    `sharding(variable, layer)` in the abstract variable's dtype; one read per variable (all its
-    layers at once), so loaders can place or transform each before the next is read."""
+    `sharding(variable, layer)` in the abstract variable's dtype; one read per layer (its tensors
+    together) and one for the rest, so that beyond what a loader has placed only one layer's
+    tensors are held while it places or transforms them."""
     context = ocp.Context()
     context.pytree.loading.partial_load = True
-    by_variable: dict = {}
-    for stored, p, layer, var in weights.stored_tensors(abstract_state):
-        by_variable.setdefault(p, []).append((stored, layer, var))
-    for tensors in by_variable.values():
+    by_layer: dict = {}
+    for stored, _, layer, var in weights.stored_tensors(abstract_state):
+        by_layer.setdefault(layer, []).append((stored, layer, var))
+    for tensors in by_layer.values():
         target: dict = {}
         for stored, layer, var in tensors:
             shape = var.shape[1:] if layer is not None else var.shape

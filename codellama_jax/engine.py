@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 from codellama_jax import buckets, structured, tools
 from codellama_jax.loader import Model
@@ -120,9 +120,10 @@ class Engine:
 
     # -- the device thread --
 
-    def warm_up(self) -> float:
-        """Compiles every shape the engine can meet (buckets.py), before it serves; seconds taken."""
-        return buckets.warm_up(self.scheduler)
+    def warm_up(self, stop: Callable[[], bool] = lambda: False) -> float:
+        """Compiles every shape the engine can meet (buckets.py), before it serves, unless
+        `stop()` says to give up; seconds taken."""
+        return buckets.warm_up(self.scheduler, stop)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="codellama-engine", daemon=True)

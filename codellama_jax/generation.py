@@ -16,6 +16,7 @@ import numpy as np
 from codellama_jax import chat_template, structured
 from codellama_jax import tools as tool_calls
 from codellama_jax.errors import RequestError
+from codellama_jax.buckets import bucket
 from codellama_jax.loader import Model
 from codellama_jax.sampling import SamplingParams
 from codellama_jax.scheduler import Scheduler, TokenLogprob, max_new_tokens
@@ -90,10 +91,12 @@ def _tokenizer(model: Model):
 
 
 def _scheduler(model: Model, prompts: Sequence[list[int]], params: SamplingParams, steps: int) -> Scheduler:
-    """A scheduler with a row for every sample, room for the longest request, `steps` decode
+    """A scheduler with a row for every sample and room for the longest request (both rounded up
+    to powers of two, so that calls of similar sizes share compiled programs), `steps` decode
     steps per call."""
     longest = max(len(ids) + max_new_tokens(model, len(ids), params.max_tokens) for ids in prompts)
-    return Scheduler(model, max_batch=len(prompts) * params.n, max_len=longest, steps_per_call=steps)
+    return Scheduler(model, max_batch=bucket(len(prompts) * params.n, minimum=1), max_len=bucket(longest),
+                     steps_per_call=steps)  # fmt: skip
 
 
 def generate(

@@ -122,8 +122,8 @@ def load(
 
 
 def _fill(state: nnx.State, mesh: Mesh, tensors) -> None:
-    """Sets the abstract state's variables from (stored path, full-precision array) pairs, each
-    placed on its shards; a layer's tensor goes into its slot of the stacked variable, which is
+    """Sets the abstract state's variables from (stored path, array) pairs, each placed on its
+    shards; a layer's tensor goes into its slot of the stacked variable, which is
     allocated on its shards when its first layer arrives; an int8 variable gets the weight
     quantized there, and its scale beside it."""
     int8 = quantization.int8_axes(state)
@@ -132,7 +132,9 @@ def _fill(state: nnx.State, mesh: Mesh, tensors) -> None:
     for stored, value in tensors:
         _, layer, var = where[stored]
         placed = jax.device_put(value, sharding.param_sharding(mesh, var, layer))
-        for q, array in quantization.stored(stored, placed, int8).items():
+        # a full-precision weight of an int8 variable is quantized; a stored int8 one is as it was saved
+        parts = quantization.stored(stored, placed, int8) if placed.dtype != var.dtype else {stored: placed}
+        for q, array in parts.items():
             p, layer, var = where[q]
             array = jax.device_put(array, sharding.param_sharding(mesh, var, layer))
             if layer is None:

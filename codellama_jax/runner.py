@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import NamedTuple, Sequence
 
@@ -28,6 +29,8 @@ from codellama_jax.kv_cache import AXES as CACHE_AXES
 from codellama_jax.kv_cache import KVCache
 from codellama_jax.loader import Model
 from codellama_jax.sampling import SamplingArrays, SamplingParams, sample
+
+log = logging.getLogger(__name__)
 
 
 class RunnerState(NamedTuple):
@@ -94,6 +97,7 @@ class Output:
     logprobs_bN: np.ndarray
     top_ids_bNK: np.ndarray  # K is 0 unless a row asked for top logprobs
     top_logprobs_bNK: np.ndarray
+    failed: dict[int, Exception] = dataclasses.field(default_factory=dict)  # rows whose prefill failed: why
 
 
 def state_shardings(config, mesh, max_batch: int, max_len: int, dtype) -> RunnerState:
@@ -173,18 +177,28 @@ class Runner:
         return (forks, self.model.graphdef, self.state, self.model.params, *self._put(args))
 
     def execute(self, plan: Plan) -> Output:
-        """Runs a scheduler's plan for one step: its prefill calls, then its decode call."""
+        """Runs a scheduler's plan for one step: its prefill calls, then its decode call. A prefill
+        call that fails with the state intact fails only its own rows (`Output.failed`); one that
+        took the state with it raises."""
+        failed = {}
         for fills, (P, T) in zip(plan.fills, plan.prefill_shapes):
-            self.prefill(fills, P, T)
-        return self.decode(plan.rows, plan.b, plan.steps, plan.window, plan.top_k, plan.allowed_bW, plan.max_steps)
+            try:
+                self.prefill(fills, P, T)
+            except Exception as e:
+                if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
+                    raise
+                log.exception("prefill failed")
+                failed.update({row: RuntimeError(f"prefill failed: {e}") for fill in fills for row in fill.rows})
+        output = self.decode(plan.rows, plan.b, plan.steps, plan.window, plan.top_k, plan.allowed_bW, plan.max_steps)
+        return dataclasses.replace(output, failed=failed)
 
-    def compile_decode(self, b: int, window: int, steps: int):
+    def compile_decode(self, b: int, window: int, steps: int, top_k: int = 0):
         """Compiles the decode call of this shape without running it (warm-up); returns the
         compiled program (for its memory analysis)."""
         m = self.model
         free_bW = structured.fill_bitmask([None] * b, m.config.vocab_size)
         args = self._put((np.full(b, self.max_batch, np.int32), free_bW, np.int32(steps)))
-        return self._decode.lower(m.graphdef, steps, window, 0, m.params, self.state, self.stop_ids, *args).compile()
+        return self._decode.lower(m.graphdef, steps, window, top_k, m.params, self.state, self.stop_ids, *args).compile()
 
     def decode(self, rows: Sequence[int], b: int, steps: int, window: int, top_k: int, allowed_bW, max_steps: int) -> Output:
         """Up to `max_steps` (<= `steps`) tokens for each of `rows` (padded to `b` rows),
@@ -208,7 +222,8 @@ def _jitted(config, max_batch: int, max_len: int, dtype, shardings: RunnerState)
     that shape (so a `generate()` call compiles nothing an earlier one did)."""
     empty = jax.jit(functools.partial(_empty, config, max_batch, max_len, dtype), out_shardings=shardings)
     prefill = jax.jit(_prefill, static_argnums=(0,), donate_argnums=(2,), out_shardings=shardings)
-    decode = jax.jit(_decode, static_argnums=(0, 1, 2, 3), donate_argnums=(5,), out_shardings=(shardings, None))
+    replicated = sharding.replicated(shardings.logits_BV.mesh)  # every host reads what the call produced
+    decode = jax.jit(_decode, static_argnums=(0, 1, 2, 3), donate_argnums=(5,), out_shardings=(shardings, replicated))
     return empty, prefill, decode
 
 

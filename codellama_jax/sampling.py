@@ -264,7 +264,7 @@ def draw(probs_BV, u_B):
         before_B = jnp.take_along_axis(cdf_BN, index_B[:, None], axis=-1)[:, 0] - jnp.take_along_axis(
             weights_BN, index_B[:, None], axis=-1
         )[:, 0]
-        return index_B, target_B - before_B
+        return index_B, jnp.maximum(target_B - before_B, 0.0)  # rounding must not point before the chunk
 
     chunk_mass_BM = probs_BMC.sum(axis=-1)
     chunk_B, rest_B = first_past(chunk_mass_BM, u_B * chunk_mass_BM.sum(axis=-1))

@@ -119,13 +119,15 @@ def max_new_tokens(model: Model, prompt_len: int, max_tokens: int | None) -> int
 
 
 class Scheduler:
-    """Requests over `max_batch` rows of up to `max_len` tokens (both rounded up to powers of
-    two, `max_len` capped at the model's context), `steps_per_call` decode steps per step."""
+    """Requests over `max_batch` rows of up to `max_len` tokens (the model's context at most;
+    exactly the sizes the memory planner counts), `steps_per_call` decode steps per step."""
 
     def __init__(self, model: Model, *, max_batch: int = 8, max_len: int | None = None, steps_per_call: int = 4):
+        if max_batch < 1 or (max_len is not None and max_len < 2):
+            raise ValueError(f"max_batch must be at least 1 and max_len at least 2, got {max_batch} and {max_len}")
         self.model = model
-        self.max_batch = buckets.bucket(max_batch, minimum=1)
-        self.max_len = min(buckets.bucket(max_len or model.config.max_seq_len), model.config.max_seq_len)
+        self.max_batch = max_batch
+        self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.steps_per_call = steps_per_call
         self.runner = Runner(model, self.max_batch, self.max_len)
         self.waiting: collections.deque[list[Sequence]] = collections.deque()
@@ -192,15 +194,7 @@ class Scheduler:
         ended, outgoing = [], []
         for i, row in enumerate(output.rows):
             seq = self.rows[row]
-            try:
-                tokens = [int(t) for t in output.tokens_bN[i] if t >= 0]
-                logprobs = self._logprobs(output, i, len(tokens), seq.params) if seq.params.logprobs else None
-                chunk = seq.advance(tokens, logprobs, self._stop_ids)
-            except RequestError as e:  # the request's own doing (its grammar): it fails, the others go on
-                chunk = e
-            except Exception as e:  # this request fails, the others go on
-                log.exception("request failed")
-                chunk = RuntimeError(f"request failed: {e}")
+            chunk = self._chunk(seq, output, i) if row not in output.failed else output.failed[row]
             if chunk is None:
                 continue
             outgoing.append((seq, chunk))
@@ -210,6 +204,18 @@ class Scheduler:
             self.rows[row] = None
         for seq, chunk in outgoing:
             seq.deliver(chunk)
+
+    def _chunk(self, seq: Sequence, output: Output, i: int) -> Chunk | BaseException | None:
+        """Row `i` of the output through its sequence; an exception ends this request only."""
+        try:
+            tokens = [int(t) for t in output.tokens_bN[i] if t >= 0]
+            logprobs = self._logprobs(output, i, len(tokens), seq.params) if seq.params.logprobs else None
+            return seq.advance(tokens, logprobs, self._stop_ids)
+        except RequestError as e:  # the request's own doing (its grammar)
+            return e
+        except Exception as e:
+            log.exception("request failed")
+            return RuntimeError(f"request failed: {e}")
 
     def plan(self) -> Plan | None:
         """This step's plan: waiting requests admitted into free rows, then every live row

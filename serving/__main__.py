@@ -147,7 +147,8 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         weights = sum(x.nbytes for x in jax.tree.leaves(model.params))
         log.info("loaded %s in %.1fs: %.2fB parameters, %.2f GiB on %d device(s); compiling", path,
                  time.perf_counter() - start, model.config.num_params / 1e9, weights / 2**30, model.mesh.size)  # fmt: skip
-        await asyncio.to_thread(engine.warm_up)  # every shape up to --max-len (buckets.py), before the first request
+        # every shape up to --max-len (buckets.py), before the first request; a stop signal cuts it short
+        await asyncio.to_thread(engine.warm_up, signalled.is_set)
         engine.start()
         log.info("ready in %.1fs (compile cache: %s)", time.perf_counter() - start, args.compile_cache)
         if signalled.is_set():

@@ -157,6 +157,40 @@ def test_a_failing_request_fails_alone_and_a_failed_step_is_recovered(model, mon
         engine.stop()
 
 
+def test_a_failed_prefill_fails_its_request_only(model, monkeypatch):
+    """A prefill call that fails and leaves the state intact (here: refused before it runs)
+    ends the requests it carried; the rows decoding meanwhile go on and stay right."""
+    prefill = Runner.prefill
+
+    def failing(self, fills, P, T):
+        if any(list(f.prompt) == PROMPTS[1] for f in fills):
+            raise RuntimeError("out of memory")
+        return prefill(self, fills, P, T)
+
+    monkeypatch.setattr(Runner, "prefill", failing)
+    engine = Engine(model, max_batch=4, max_len=64, steps_per_call=2)
+    engine.start()
+
+    async def outcome(handle):
+        try:
+            return (await _collect(handle))[2]
+        except RuntimeError as e:
+            return str(e)
+
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=8)
+        handles = [engine.submit(p, params)[0] for p in (PROMPTS[0], PROMPTS[1], PROMPTS[2])]
+        return await asyncio.gather(*(outcome(h) for h in handles))
+
+    try:
+        first, failed, third = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert failed == "prefill failed: out of memory"
+    for prompt, got in ((PROMPTS[0], first), (PROMPTS[2], third)):
+        assert got == generate(model, [prompt], temperature=0.0, max_tokens=8)[0].token_ids
+
+
 def test_a_stopped_engine_refuses_and_ends_what_waited(model):
     engine = Engine(model, max_batch=1, max_len=64)
 
