@@ -254,7 +254,9 @@ class Scheduler:
             rows=tuple(row for row, _ in live),
             b=b,
             steps=steps,
-            max_steps=1 if constrained else steps,  # a grammar's mask holds for one token
+            # a grammar's mask holds for one token; a step that admitted requests ends after their
+            # first token, so that it reaches their clients without waiting for `steps` more
+            max_steps=1 if constrained or fills else steps,
             window=buckets.window_bucket(furthest + steps, self.max_len),
             top_k=self._top_k if any(seq.params.top_logprobs for _, seq in live) else 0,
             allowed_bW=allowed_bW,
