@@ -269,6 +269,19 @@ def _prefill(forks, graphdef, state: RunnerState, params, tokens_PT, lengths_P, 
     )
 
 
+def rows_sampling(sampling: SamplingArrays, rows_b: jax.Array) -> SamplingArrays:
+    """The sampling settings of rows `rows_b`; a padding row (out of range) gets neutral ones,
+    not zeros: `top_p` 0 would make every step sort the whole vocabulary for it."""
+    B, V = sampling.logit_bias.shape
+    b = rows_b.shape[0]
+    valid_b = rows_b < B
+
+    def get(x, neutral):
+        return jnp.where(valid_b.reshape(b, *(1,) * (x.ndim - 1)), x.at[rows_b].get(mode="fill", fill_value=0), neutral)
+
+    return jax.tree.map(get, sampling, SamplingArrays.neutral(b, V))
+
+
 def _decode(graphdef, steps, window, top_k, params, state: RunnerState, stop_ids, rows_b, allowed_bW, max_steps):
     """Up to `max_steps` steps for rows `rows_b`: sample each running row's next token (among
     those `allowed_bW` allows), record it, and run the model on it. A stop token ends its row
@@ -279,7 +292,7 @@ def _decode(graphdef, steps, window, top_k, params, state: RunnerState, stop_ids
     def get(x):
         return x.at[rows_b].get(mode="fill", fill_value=0)
 
-    sampling = jax.tree.map(get, state.sampling)
+    sampling = rows_sampling(state.sampling, rows_b)
     out = (
         jnp.full((b, steps), -1, jnp.int32),
         jnp.zeros((b, steps), jnp.float32),
