@@ -2,7 +2,7 @@
 
     python benchmarks/generate.py                                   # SmolLM2-135M, batch 1 8 32
     python benchmarks/generate.py --random dim=1024,ffn=2816,layers=8,heads=16,kv_heads=4,vocab=32016
-    python benchmarks/generate.py --batches 1 8 --new-tokens 32 --skip-transformers
+    python benchmarks/generate.py --batches 1 8 --new-tokens 32 --skip-transformers --no-scan-layers
     python benchmarks/generate.py --model /ckpt/codellama-70b --dtype bfloat16 --mesh 1x8 --skip-transformers
 
 Every row says how far decode is from the memory-bandwidth bound: a decode step must read every
@@ -172,6 +172,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--quantize", choices=["int8"], help="int8 weights (the bound then counts int8 bytes)")
     parser.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
+    parser.add_argument("--no-scan-layers", dest="scan_layers", action="store_false", help="unrolled layers (load's scan_layers)")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
 
@@ -189,7 +190,7 @@ def main() -> None:
     print(header)
     for path in models:
         mesh = make_mesh(tuple(map(int, args.mesh.split("x")))) if args.mesh else None
-        model = load(path, dtype=args.dtype, quantize=args.quantize, mesh=mesh)
+        model = load(path, dtype=args.dtype, quantize=args.quantize, mesh=mesh, scan_layers=args.scan_layers)
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
         hf_model = None if args.skip_transformers else _transformers_model(path)
         rng = np.random.default_rng(0)

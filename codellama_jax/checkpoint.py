@@ -145,7 +145,7 @@ def iter_params(path: str | Path, abstract_state: nnx.State, sharding) -> Iterat
     context.pytree.loading.partial_load = True
     by_layer: dict = {}
     for stored, _, layer, var in weights.stored_tensors(abstract_state):
-        by_layer.setdefault(layer, []).append((stored, layer, var))
+        by_layer.setdefault(stored[1] if stored[0] == "layers" else None, []).append((stored, layer, var))
     for tensors in by_layer.values():
         target: dict = {}
         for stored, layer, var in tensors:

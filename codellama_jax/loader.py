@@ -86,7 +86,13 @@ def default_dtype() -> str:
 
 
 def load(
-    path: str | Path, *, dtype: str | None = None, mesh: Mesh | None = None, quantize: str | None = None, progress: bool = False
+    path: str | Path,
+    *,
+    dtype: str | None = None,
+    mesh: Mesh | None = None,
+    quantize: str | None = None,
+    scan_layers: bool = True,
+    progress: bool = False,
 ) -> Model:
     """Loads a converted checkpoint directory, a HF checkpoint directory or a `.gguf` file.
 
@@ -95,26 +101,30 @@ def load(
     weights and embedding int8 (a checkpoint converted with `--quantize int8` is int8 anyway);
     each weight is quantized on its devices as it arrives, so the full-precision model is never
     held. `mesh` (see `sharding.make_mesh`) spreads the model over several devices, each
-    receiving only its shards. Without a mesh the model lives on the first device. `progress`
-    shows a progress bar while a HF or GGUF checkpoint's tensors are read.
+    receiving only its shards. Without a mesh the model lives on the first device.
+    `scan_layers` stacks the layers' weights and scans them: compile time independent of depth.
+    Without it each layer keeps its own weights and the layers are unrolled: on CPU decoding is
+    faster (XLA:CPU copies a layer's weights out of the stack before its matmuls) and compiling
+    slower. `progress` shows a progress bar while a HF or GGUF checkpoint's tensors are read.
     """
     path = Path(path)
     param_dtype = checkpoint.parse_dtype(dtype or default_dtype())
     quantization.check(quantize)
     mesh = mesh or sharding.single_device_mesh()
     place = functools.partial(sharding.param_sharding, mesh)
+    layout = functools.partial(abstract_model, param_dtype=param_dtype, dtype=param_dtype, scan_layers=scan_layers)
     if checkpoint.is_checkpoint(path):
         stored = checkpoint.check_format(path)
         config = with_generation_config(LlamaConfig.from_hf(path), path)
-        graphdef, state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype, quant=stored or quantize))
+        graphdef, state = nnx.split(layout(config, quant=stored or quantize))
         # a full-precision checkpoint loaded as int8 is read as stored and quantized one tensor at a time
-        as_stored = state if stored or not quantize else nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype))[1]
+        as_stored = state if stored or not quantize else nnx.split(layout(config))[1]
         _fill(state, mesh, checkpoint.iter_params(path, as_stored, place))
         tokenizer, template = _optional_tokenizer(lambda: load_tokenizer(path)), read_chat_template(path)
     else:
         source = open_checkpoint(path)
         config = source.config
-        graphdef, state = nnx.split(abstract_model(config, param_dtype=param_dtype, dtype=param_dtype, quant=quantize))
+        graphdef, state = nnx.split(layout(config, quant=quantize))
         _fill(state, mesh, checkpoint.read_params(source, param_dtype, progress="loading" if progress else None))
         tokenizer, template = _optional_tokenizer(source.tokenizer), source.chat_template
     module = nnx.merge(graphdef, state)
@@ -123,8 +133,8 @@ def load(
 
 def _fill(state: nnx.State, mesh: Mesh, tensors) -> None:
     """Sets the abstract state's variables from (stored path, array) pairs, each placed on its
-    shards; a layer's tensor goes into its slot of the stacked variable, which is
-    allocated on its shards when its first layer arrives; an int8 variable gets the weight
+    shards; a layer's tensor goes into its variable, or its slot of a stacked variable (allocated
+    on its shards when its first layer arrives); an int8 variable gets the weight
     quantized there, and its scale beside it."""
     int8 = quantization.int8_axes(state)
     where = {stored: (p, layer, var) for stored, p, layer, var in weights.stored_tensors(state)}

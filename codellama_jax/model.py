@@ -3,7 +3,8 @@
 Shape letters: L layers, B batch, T query length, S key length, D model dim, N query heads,
 K kv heads, G query heads per kv head, H head dim, F mlp dim, V vocab. Every parameter carries
 logical axis names (`axes` metadata) that `sharding.py` maps to mesh axes; model code never names
-a mesh axis. The layers are one Block with stacked parameters, applied by one `lax.scan`.
+a mesh axis. The layers are one Block with stacked parameters applied by one `lax.scan`
+(`scan_layers`: compile time independent of depth), or a list of Blocks applied one by one.
 """
 
 from __future__ import annotations
@@ -165,10 +166,19 @@ def stacked_blocks(config: LlamaConfig, *, param_dtype, dtype, quant, rngs: nnx.
 class Llama(nnx.Module):
     """Decoder-only Llama. `param_dtype` is how weights are stored, `dtype` how activations
     compute; `quant="int8"` stores the matmul weights and the embedding table as int8 with a
-    float32 scale per output channel (per vocabulary row for the embedding)."""
+    float32 scale per output channel (per vocabulary row for the embedding). `scan_layers=False`
+    keeps one variable per layer (`layers.{i}...`, as checkpoints store them) and unrolls the
+    layers: XLA:CPU copies each layer's weights out of a stacked variable before its matmuls."""
 
     def __init__(
-        self, config: LlamaConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, quant: str | None = None, rngs: nnx.Rngs
+        self,
+        config: LlamaConfig,
+        *,
+        param_dtype=jnp.float32,
+        dtype=jnp.float32,
+        quant: str | None = None,
+        scan_layers: bool = True,
+        rngs: nnx.Rngs,
     ):
         quantize.check(quant)
         self.config = config
@@ -180,7 +190,12 @@ class Llama(nnx.Module):
         else:
             self.embed = nnx.Param(_INIT(rngs.params(), (V, D), param_dtype), axes=("vocab", "embed"))
             self.embed_scale = None
-        self.layers = stacked_blocks(config, param_dtype=param_dtype, dtype=dtype, quant=quant, rngs=rngs)
+        if scan_layers:
+            self.layers = stacked_blocks(config, param_dtype=param_dtype, dtype=dtype, quant=quant, rngs=rngs)
+        else:
+            self.layers = nnx.List(
+                [Block(config, param_dtype=param_dtype, dtype=dtype, quant=quant, rngs=rngs) for _ in range(config.num_layers)]
+            )
         self.norm = RMSNorm(config.dim, config.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = (
             None
@@ -196,11 +211,15 @@ class Llama(nnx.Module):
         self, tokens_BT: jax.Array, meta: AttentionMeta, cache: KVCache | None = None
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states `[B, T, D]`, and the cache with the tokens' keys and values
-        written where `meta` says (when a cache is given). One scan over the stacked layers."""
+        written where `meta` says (when a cache is given)."""
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
         if self.embed_scale is not None:
             x_BTD = x_BTD * jnp.take(self.embed_scale[...], tokens_BT, axis=0)[..., None].astype(self.dtype)
         rope = rope_tables(meta.positions_BT, self.config, self.dtype)
+        if isinstance(self.layers, nnx.List):
+            for i, block in enumerate(self.layers):
+                x_BTD, cache = block(x_BTD, rope, meta, cache, i)
+            return self.norm(x_BTD), cache
         block_def, layers = nnx.split(self.layers)
 
         def layer(carry, params):
@@ -222,6 +241,10 @@ class Llama(nnx.Module):
         return logits_BTV.astype(jnp.float32)
 
 
-def abstract_model(config: LlamaConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, quant: str | None = None) -> Llama:
+def abstract_model(
+    config: LlamaConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, quant: str | None = None, scan_layers: bool = True
+) -> Llama:
     """The model's structure with `ShapeDtypeStruct` leaves: no memory is allocated."""
-    return nnx.eval_shape(lambda: Llama(config, param_dtype=param_dtype, dtype=dtype, quant=quant, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(
+        lambda: Llama(config, param_dtype=param_dtype, dtype=dtype, quant=quant, scan_layers=scan_layers, rngs=nnx.Rngs(0))
+    )

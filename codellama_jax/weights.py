@@ -6,8 +6,8 @@ and reshaped to the parameter's shape; the table says how many leading axes of t
 input (0: copy as it is, for vectors and the embedding table).
 
 Tensors are stored one per layer (`layers.{i}.attn.q_proj.kernel`), as HF stores them, so that
-conversion streams one layer's tensor at a time; the model holds each as one variable stacked over
-layers (`layers.attn.q_proj.kernel`, `[L, ...]`), which its forward pass scans.
+conversion streams one layer's tensor at a time; a model with scanned layers holds each as one
+variable stacked over layers (`layers.attn.q_proj.kernel`, `[L, ...]`), one without as stored.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def stored_tensors(state: nnx.State) -> Iterator[tuple[ParamPath, ParamPath, int
     """Each tensor of a (possibly abstract) model state as it is stored: (stored path, the
     variable's path, layer index or None, the variable). A stacked variable is `L` tensors."""
     for path, var in nnx.to_flat_state(state):
-        if path[0] == "layers":
+        if path[0] == "layers" and not isinstance(path[1], int):
             for i in range(var.shape[0]):
                 yield ("layers", i, *path[1:]), path, i, var
         else:

@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on accelerators, float32 on CPU")
     parser.add_argument("--quantize", choices=["int8"], help="int8 weights with a float32 scale per output channel (half the bytes of bfloat16)")
+    parser.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
+                        help="unroll the layers, each with its own weights: on CPU decoding is faster "
+                             "(~15%% at one client) and compiling several times slower")  # fmt: skip
     parser.add_argument("--price-input", type=float, default=0.0, help="USD per million prompt tokens, for usage.estimated_cost")
     parser.add_argument("--price-output", type=float, default=0.0, help="USD per million completion tokens")
     parser.add_argument("--drain-timeout", type=float, default=20.0,
@@ -137,7 +140,8 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     start = time.perf_counter()
     buckets.use_compile_cache(None if args.compile_cache.lower() == "none" else args.compile_cache)
     interactive = sys.stderr.isatty()  # progress bars for people, plain log lines for log files
-    model = load(path, dtype=args.dtype, mesh=mesh, quantize=args.quantize, progress=interactive)
+    model = load(path, dtype=args.dtype, mesh=mesh, quantize=args.quantize, scan_layers=args.scan_layers,
+                 progress=interactive)
     engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue)
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     config = ServerConfig(args.served_model_name or served_name(path), (args.price_input, args.price_output), keys,

@@ -73,6 +73,15 @@ def test_converted_checkpoint_matches_transformers(case, tmp_path):
     _assert_parity(load(dst), reference)
 
 
+def test_unrolled_layers_match_transformers(case, tmp_path):
+    """scan_layers=False: one variable per layer, read from HF files and from our checkpoints."""
+    _, hf_dir, reference = case
+    dst = convert(open_checkpoint(hf_dir), tmp_path / "converted", dtype="float32")
+    for model in (load(hf_dir, dtype="float32", scan_layers=False), load(dst, scan_layers=False)):
+        assert model.module.layers[0].attn.q_proj.kernel[...].ndim == 3  # [D, N, H]: no layers axis
+        _assert_parity(model, reference)
+
+
 def test_bfloat16_load_is_close(tiny_gqa_tied):
     reference = load(tiny_gqa_tied, dtype="float32").logits(_rows()[:1])
     model = load(tiny_gqa_tied, dtype="bfloat16")

@@ -58,6 +58,8 @@ def test_int8_logits_close_to_float_by_every_path(tiny):
         "convert --quantize": load(converted_int8),
         "load-time from orbax": load(converted_float, quantize="int8"),
         "sharded (2, 4)": load(converted_int8, mesh=sharding.make_mesh((2, 4))),
+        "unrolled, load-time from HF": load(hf_dir, quantize="int8", scan_layers=False),
+        "unrolled, sharded (2, 4)": load(converted_int8, mesh=sharding.make_mesh((2, 4)), scan_layers=False),
     }
     errors = {name: _error(model, reference) for name, model in models.items()}
     print({k: f"{v:.2%}" for k, v in errors.items()})

@@ -76,6 +76,14 @@ def test_sharded_logits_and_greedy_tokens_equal_single_device(case, shape):
     assert [c.token_ids for c in sharded] == greedy
 
 
+def test_unrolled_layers_sharded_equal_single_device(case):
+    """scan_layers=False on a (2, 4) mesh: the same logits and greedy tokens."""
+    _, path, logits, greedy = case
+    model = load(path, mesh=sharding.make_mesh((2, 4)), scan_layers=False)
+    np.testing.assert_allclose(model.logits(PROMPTS), logits, atol=2e-5, rtol=1e-5)
+    assert [c.token_ids for c in generate(model, PROMPTS, temperature=0.0, max_tokens=NEW_TOKENS)] == greedy
+
+
 def test_parameters_and_cache_are_laid_out_by_the_rules(case):
     name, path, _, _ = case
     mesh = sharding.make_mesh((2, 4))
