@@ -1,9 +1,10 @@
 """Compile policy: which shapes the jitted runner is ever called with, warm-up over all of them,
 and JAX's persistent compilation cache.
 
-Every size a call depends on is padded to a power of two: prompt length (from 16), prompts per
-prefill call (while prompts x length stays within a token budget), decode rows (from 1) and the
-cache window a decode call attends to (from 64). So a server of `max_batch` rows and `max_len`
+Every size a call depends on is padded to a power of two: prompts per prefill call (while
+prompts x length stays within a token budget), decode rows (from 1) and the cache window a decode
+call attends to (from 64); prompt lengths (from 16) also to 1.5 times one, since prefill compute
+grows with the padding (a 40-token prompt runs as 48 tokens, not 64). So a server of `max_batch` rows and `max_len`
 tokens meets a small, known set of shapes, and `warm_up` compiles them all before serving, decode
 with top logprobs included. Left lazy: prefill of a prompt with n > 1 samples (compiled by the
 first such request of each prompt bucket; it would double the prefill shapes for a rare request).
@@ -34,7 +35,11 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def prompt_bucket(length: int, max_len: int) -> int:
-    return min(bucket(length, PROMPT_MIN), max_len)
+    """The padded length of a prompt: a power of two or three quarters of one, from 16."""
+    size = bucket(length, PROMPT_MIN)
+    if size > PROMPT_MIN and length <= size * 3 // 4:
+        size = size * 3 // 4
+    return min(size, max_len)
 
 
 def rows_bucket(rows: int, max_batch: int) -> int:
@@ -55,16 +60,8 @@ def prompts_per_call(T: int, max_batch: int, max_len: int) -> int:
 
 def prefill_shapes(max_batch: int, max_len: int) -> list[tuple[int, int]]:
     """Every (prompts, prompt length) a prefill call can have."""
-    shapes, T = [], PROMPT_MIN
-    while True:
-        T = min(T, max_len)
-        P = 1
-        while P <= prompts_per_call(T, max_batch, max_len):
-            shapes.append((P, T))
-            P *= 2
-        if T == max_len:
-            return shapes
-        T *= 2
+    lengths = sorted({prompt_bucket(n, max_len) for n in range(1, max_len + 1)})
+    return [(1 << i, T) for T in lengths for i in range(prompts_per_call(T, max_batch, max_len).bit_length())]
 
 
 def decode_shapes(max_batch: int, max_len: int) -> list[tuple[int, int]]:
