@@ -181,6 +181,9 @@ class Llama(nnx.Module):
         rngs: nnx.Rngs,
     ):
         quantize.check(quant)
+        if quant and not scan_layers:  # XLA hoists every layer's dequantization to the start of a call
+            raise ValueError("int8 weights need scanned layers: unrolled, each call would hold every layer's "
+                             "weights dequantized (4x the int8 bytes); leave scan_layers on (--no-scan-layers off)")
         self.config = config
         self.dtype = dtype
         V, D = config.vocab_size, config.dim

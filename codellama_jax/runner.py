@@ -139,7 +139,8 @@ class Runner:
         self.model, self.max_batch, self.max_len = model, max_batch, max_len
         mesh, config, dtype = model.mesh, model.config, model.module.dtype
         self.shardings = state_shardings(config, mesh, max_batch, max_len, dtype)
-        self._empty, self._prefill, self._decode = _jitted(config, max_batch, max_len, dtype, self.shardings)
+        jitted = _jitted(model.graphdef, config, max_batch, max_len, dtype, self.shardings)
+        self._empty, self._prefill, self._decode = jitted
         self.stop_ids = self._put(np.array(model.stop_token_ids or (-1,), np.int32))
         self.state = self._empty()
 
@@ -174,7 +175,7 @@ class Runner:
                 a += 1
         args = (tokens_PT, lengths_P, first_P, rows_A, prompt_A, max_new_A, SamplingArrays.build(settings, V))
         forks = any(len(f.rows) > 1 for f in fills)
-        return (forks, self.model.graphdef, self.state, self.model.params, *self._put(args))
+        return (forks, self.state, self.model.params, *self._put(args))
 
     def execute(self, plan: Plan) -> Output:
         """Runs a scheduler's plan for one step: its prefill calls, then its decode call. A prefill
@@ -198,7 +199,7 @@ class Runner:
         m = self.model
         free_bW = structured.fill_bitmask([None] * b, m.config.vocab_size)
         args = self._put((np.full(b, self.max_batch, np.int32), free_bW, np.int32(steps)))
-        return self._decode.lower(m.graphdef, steps, window, top_k, m.params, self.state, self.stop_ids, *args).compile()
+        return self._decode.lower(steps, window, top_k, m.params, self.state, self.stop_ids, *args).compile()
 
     def decode(self, rows: Sequence[int], b: int, steps: int, window: int, top_k: int, allowed_bW, max_steps: int) -> Output:
         """Up to `max_steps` (<= `steps`) tokens for each of `rows` (padded to `b` rows),
@@ -208,22 +209,24 @@ class Runner:
         rows_b = np.full(b, self.max_batch, np.int32)
         rows_b[: len(rows)] = rows
         inputs = self._put((rows_b, allowed_bW, np.int32(max_steps)))
-        self.state, out = self._decode(
-            m.graphdef, steps, window, top_k, m.params, self.state, self.stop_ids, *inputs
-        )
+        self.state, out = self._decode(steps, window, top_k, m.params, self.state, self.stop_ids, *inputs)
         host = jax.device_get(out)
         n = len(rows)
         return Output(tuple(rows), *(x[:n] for x in host))
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted(config, max_batch: int, max_len: int, dtype, shardings: RunnerState):
-    """The runner's jitted functions for one state shape and layout, shared by every runner of
-    that shape (so a `generate()` call compiles nothing an earlier one did)."""
+def _jitted(graphdef, config, max_batch: int, max_len: int, dtype, shardings: RunnerState):
+    """The runner's jitted functions for one model structure and one state shape and layout,
+    shared by every runner of them (so a `generate()` call compiles nothing an earlier one did).
+    The model's structure is bound here, not passed as a static argument: jit would hash it on
+    every call (~1 ms for 30 unrolled layers)."""
     empty = jax.jit(functools.partial(_empty, config, max_batch, max_len, dtype), out_shardings=shardings)
-    prefill = jax.jit(_prefill, static_argnums=(0,), donate_argnums=(2,), out_shardings=shardings)
+    prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnums=(0,), donate_argnums=(1,),
+                      out_shardings=shardings)  # fmt: skip
     replicated = sharding.replicated(shardings.logits_BV.mesh)  # every host reads what the call produced
-    decode = jax.jit(_decode, static_argnums=(0, 1, 2, 3), donate_argnums=(5,), out_shardings=(shardings, replicated))
+    decode = jax.jit(functools.partial(_decode, graphdef), static_argnums=(0, 1, 2), donate_argnums=(4,),
+                     out_shardings=(shardings, replicated))  # fmt: skip
     return empty, prefill, decode
 
 
@@ -240,7 +243,7 @@ def _empty(config, B: int, S: int, dtype) -> RunnerState:
     )
 
 
-def _prefill(forks, graphdef, state: RunnerState, params, tokens_PT, lengths_P, first_P, rows_A, prompt_A, max_new_A, sampling_A):
+def _prefill(graphdef, forks, state: RunnerState, params, tokens_PT, lengths_P, first_P, rows_A, prompt_A, max_new_A, sampling_A):
     """Runs the prompts, writing their keys and values into the first row of each; with `forks`,
     copies them to the prompt's other rows; sets every filled row's logits, position, budget,
     seen tokens and sampling settings."""
@@ -277,9 +280,14 @@ def rows_sampling(sampling: SamplingArrays, rows_b: jax.Array) -> SamplingArrays
     valid_b = rows_b < B
 
     def get(x, neutral):
-        return jnp.where(valid_b.reshape(b, *(1,) * (x.ndim - 1)), x.at[rows_b].get(mode="fill", fill_value=0), neutral)
+        return jnp.where(valid_b.reshape(b, *(1,) * (x.ndim - 1)), _gather(x, rows_b), neutral)
 
     return jax.tree.map(get, sampling, SamplingArrays.neutral(b, V))
+
+
+def _gather(x: jax.Array, rows_b: jax.Array) -> jax.Array:
+    """Rows `rows_b` of a per-row array; zeros for a row out of range (padding)."""
+    return x.at[rows_b].get(mode="fill", fill_value=0)
 
 
 def _decode(graphdef, steps, window, top_k, params, state: RunnerState, stop_ids, rows_b, allowed_bW, max_steps):
@@ -289,9 +297,6 @@ def _decode(graphdef, steps, window, top_k, params, state: RunnerState, stop_ids
     model = nnx.merge(graphdef, params)
     b = rows_b.shape[0]
 
-    def get(x):
-        return x.at[rows_b].get(mode="fill", fill_value=0)
-
     sampling = rows_sampling(state.sampling, rows_b)
     out = (
         jnp.full((b, steps), -1, jnp.int32),
@@ -299,7 +304,7 @@ def _decode(graphdef, steps, window, top_k, params, state: RunnerState, stop_ids
         jnp.zeros((b, steps, top_k), jnp.int32),
         jnp.zeros((b, steps, top_k), jnp.float32),
     )
-    local = (get(state.logits_BV), get(state.positions_B), get(state.remaining_B), get(state.counts_BV), get(state.seen_BV))
+    local = tuple(_gather(x, rows_b) for x in (state.logits_BV, state.positions_B, state.remaining_B, state.counts_BV, state.seen_BV))
 
     def running(carry):
         _, local, _, step = carry

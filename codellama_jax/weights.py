@@ -75,7 +75,9 @@ def to_param(hf_name: str, array: np.ndarray, shape: tuple[int, ...], in_axes: i
 
 def stored_tensors(state: nnx.State) -> Iterator[tuple[ParamPath, ParamPath, int | None, nnx.Variable]]:
     """Each tensor of a (possibly abstract) model state as it is stored: (stored path, the
-    variable's path, layer index or None, the variable). A stacked variable is `L` tensors."""
+    variable's path, its index along a stacked variable's leading axis or None when the variable
+    is the tensor itself, the variable). A stacked variable is `L` tensors; with unrolled layers
+    each layer's variable is stored as it is (`layers.{i}...`)."""
     for path, var in nnx.to_flat_state(state):
         if path[0] == "layers" and not isinstance(path[1], int):
             for i in range(var.shape[0]):

@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quantize", choices=["int8"], help="int8 weights with a float32 scale per output channel (half the bytes of bfloat16)")
     parser.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
                         help="unroll the layers, each with its own weights: on CPU decoding is faster "
-                             "(~15%% at one client) and compiling several times slower")  # fmt: skip
+                             "(~8-12%% here) and compiling several times slower; not with int8")  # fmt: skip
     parser.add_argument("--price-input", type=float, default=0.0, help="USD per million prompt tokens, for usage.estimated_cost")
     parser.add_argument("--price-output", type=float, default=0.0, help="USD per million completion tokens")
     parser.add_argument("--drain-timeout", type=float, default=20.0,

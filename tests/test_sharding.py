@@ -77,9 +77,12 @@ def test_sharded_logits_and_greedy_tokens_equal_single_device(case, shape):
 
 
 def test_unrolled_layers_sharded_equal_single_device(case):
-    """scan_layers=False on a (2, 4) mesh: the same logits and greedy tokens."""
+    """scan_layers=False on a (2, 4) mesh: each layer's weights split as the rules say, the same
+    logits and greedy tokens."""
     _, path, logits, greedy = case
-    model = load(path, mesh=sharding.make_mesh((2, 4)), scan_layers=False)
+    mesh = sharding.make_mesh((2, 4))
+    model = load(path, mesh=mesh, scan_layers=False)
+    assert laid_out(model.module.layers[1].mlp.up_proj.kernel[...], mesh, P(None, "model"))
     np.testing.assert_allclose(model.logits(PROMPTS), logits, atol=2e-5, rtol=1e-5)
     assert [c.token_ids for c in generate(model, PROMPTS, temperature=0.0, max_tokens=NEW_TOKENS)] == greedy
 
