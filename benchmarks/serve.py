@@ -4,6 +4,7 @@
     python benchmarks/serve.py --url http://127.0.0.1:8000 --clients 1 4 16 --seconds 30
     python benchmarks/serve.py --clients 1 16 --against http://127.0.0.1:8080   # e.g. llama.cpp's llama-server
     python benchmarks/serve.py --clients 1 --library .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+    python benchmarks/serve.py --clients 1 --library MODEL --library-no-scan-layers   # a --no-scan-layers server
 
 Prints, per client count, requests/s, output tokens/s, time to first token p50/p99 and the
 throughput relative to one client (what continuous batching buys). `--against` runs the same
@@ -48,11 +49,11 @@ async def client_loop(client, model: str, deadline: float, max_tokens: int, seed
         i += 1
 
 
-def library_rate(path: str, seconds: float, max_tokens: int) -> float:
+def library_rate(path: str, seconds: float, max_tokens: int, scan_layers: bool = True) -> float:
     """Output tokens/s of the same requests through `generate()` at batch 1, one after another."""
     from codellama_jax import generate, load
 
-    model = load(path)
+    model = load(path, scan_layers=scan_layers)
     ask = lambda i: generate(model, [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]],  # noqa: E731
                              max_tokens=max_tokens, temperature=0.7, seed=i)[0].completion_tokens  # fmt: skip
     ask(0)  # compiles
@@ -95,8 +96,11 @@ def main() -> None:
     parser.add_argument("--against-model", help="its model name (default: its first model)")
     parser.add_argument("--against-key", default="none", help="a key it accepts, if it requires one")
     parser.add_argument("--library", metavar="MODEL", help="also run the requests through generate() on this checkpoint")
+    parser.add_argument("--library-no-scan-layers", dest="library_scan_layers", action="store_false",
+                        help="load it with unrolled layers (as a server started with --no-scan-layers)")
     args = parser.parse_args()
-    reference = library_rate(args.library, args.seconds, args.max_tokens) if args.library else None
+    reference = (library_rate(args.library, args.seconds, args.max_tokens, args.library_scan_layers)
+                 if args.library else None)  # fmt: skip
     if reference:
         print(f"generate() at batch 1: {reference:.1f} tok/s")
     print(f"{'server':>8}{'clients':>8}{'requests':>10}{'req/s':>8}{'out tok/s':>11}{'TTFT p50 s':>12}{'TTFT p99 s':>12}"
