@@ -42,6 +42,14 @@ async def _collect(handle):
     return chunks, "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids]
 
 
+async def _outcome(handle):
+    """A request's tokens, or the text of the error that ended it."""
+    try:
+        return (await _collect(handle))[2]
+    except RuntimeError as e:
+        return str(e)
+
+
 def _run_all(engine, requests, grammars=None):
     async def main():
         grammar_of = grammars or [None] * len(requests)
@@ -60,6 +68,7 @@ def _run_all(engine, requests, grammars=None):
     ],
     ids=["greedy", "seeded", "stop-logprobs"],
 )
+
 def test_concurrent_requests_equal_generate_one_at_a_time(engine, model, settings):
     params = SamplingParams(**settings)
     results = _run_all(engine, [(p, params) for p in PROMPTS])  # 6 requests, 4 slots
@@ -125,15 +134,9 @@ def test_a_failing_request_fails_alone_and_a_failed_step_is_recovered(model, mon
     monkeypatch.setattr(Sequence, "advance", poisoned)
     engine.start()
 
-    async def outcome(handle):
-        try:
-            return (await _collect(handle))[2]
-        except RuntimeError as e:
-            return str(e)
-
     async def main(requests):
         handles = [h for prompt, params in requests for h in engine.submit(prompt, params)]
-        return await asyncio.gather(*(outcome(h) for h in handles))
+        return await asyncio.gather(*(_outcome(h) for h in handles))
 
     try:
         good = SamplingParams(temperature=0.0, max_tokens=8)
@@ -171,16 +174,10 @@ def test_a_failed_prefill_fails_its_request_only(model, monkeypatch):
     engine = Engine(model, max_batch=4, max_len=64, steps_per_call=2)
     engine.start()
 
-    async def outcome(handle):
-        try:
-            return (await _collect(handle))[2]
-        except RuntimeError as e:
-            return str(e)
-
     async def main():
         params = SamplingParams(temperature=0.0, max_tokens=8)
         handles = [engine.submit(p, params)[0] for p in (PROMPTS[0], PROMPTS[1], PROMPTS[2])]
-        return await asyncio.gather(*(outcome(h) for h in handles))
+        return await asyncio.gather(*(_outcome(h) for h in handles))
 
     try:
         first, failed, third = asyncio.run(main())
