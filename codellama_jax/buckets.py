@@ -96,7 +96,9 @@ def warm_up(scheduler, stop: Callable[[], bool] = lambda: False) -> float:
     start = time.perf_counter()
     runner, steps = scheduler.runner, scheduler.steps_per_call
     top_k = min(MAX_TOP_LOGPROBS, scheduler.model.config.vocab_size)
-    compiles = [functools.partial(runner.compile_prefill, P, T) for P, T in prefill_shapes(scheduler.max_batch, scheduler.max_len)]
+    prefills = prefill_shapes(scheduler.max_batch, scheduler.max_len)
+    compiles = [functools.partial(runner.compile_prefill, P, T) for P, T in prefills]
+    compiles += [functools.partial(runner.compile_first, P) for P in sorted({P for P, _ in prefills})]
     compiles += [functools.partial(runner.compile_decode, b, W, steps, k)
                  for b, W in decode_shapes(scheduler.max_batch, scheduler.max_len) for k in (0, top_k)]  # fmt: skip
     for compile_one in compiles:

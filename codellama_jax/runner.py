@@ -1,10 +1,11 @@
 """The device side of generation: jitted prefill and decode over an explicit per-row state whose
 layout on the mesh is pinned from the rule table, for the state's whole life.
 
-A runner holds `max_batch` rows of up to `max_len` tokens. `prefill` runs some prompts and
-writes their keys and values, next-token logits and sampling settings into chosen rows;
-`decode` advances chosen rows up to `steps` tokens each and returns only those tokens (and
-their logprobs, when asked), never the history. Both take and return the state with its
+A runner holds `max_batch` rows of up to `max_len` tokens. `prefill` runs some prompts, writes
+their keys and values and sampling settings into chosen rows, and samples each row's first token
+(so it reaches its client without waiting for a decode step); `decode` advances chosen rows up
+to `steps` tokens each, feeding the token sampled last and sampling the next, and returns only
+those tokens (and their logprobs), never the history. A row's last token is never fed. Both take and return the state with its
 buffers donated and `out_shardings` pinned, so the cache is created on its shards and never
 lands whole on one device or gets replicated unless `sharding.RULES` says so. Which rows run,
 with which shapes, is the scheduler's decision (scheduler.py); shapes come from buckets.py.
@@ -28,18 +29,18 @@ from codellama_jax.attention import AttentionMeta
 from codellama_jax.kv_cache import AXES as CACHE_AXES
 from codellama_jax.kv_cache import KVCache
 from codellama_jax.loader import Model
-from codellama_jax.sampling import SamplingArrays, SamplingParams, sample
+from codellama_jax.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingParams, sample
 
 log = logging.getLogger(__name__)
 
 
 class RunnerState(NamedTuple):
-    """Per row: its KV cache, the logits of its next token, where that token goes, how many
-    tokens it may still produce (0: done), what it has produced (penalties), and its sampling
-    settings."""
+    """Per row: its KV cache, the token it sampled last and has not fed yet, that token's
+    position, how many tokens it may still produce (0: done), what it has produced (penalties),
+    and its sampling settings."""
 
     cache: KVCache
-    logits_BV: jax.Array
+    next_B: jax.Array
     positions_B: jax.Array
     remaining_B: jax.Array
     counts_BV: jax.Array  # how often each token was produced (presence/frequency penalties)
@@ -60,24 +61,35 @@ def _state_axes(state: RunnerState) -> RunnerState:
 @dataclasses.dataclass(frozen=True)
 class Fill:
     """One prompt to prefill into its rows (n > 1 samples: several), each row with its sampling
-    settings (a seed always set, so every process draws alike) and sample index."""
+    settings (a seed always set, so every process draws alike) and sample index, and the
+    grammar bitmask of the first token (all ones: free)."""
 
     prompt: tuple[int, ...]
     rows: tuple[int, ...]
     settings: tuple[tuple[SamplingParams, int], ...]
     max_new: int
+    allowed_W: np.ndarray
+
+
+# The scheduler's decisions are plain values (a multi-host server sends them from process 0 to
+# the others, which run the same calls).
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-    """One step, as the scheduler decided it: plain values (a multi-host server sends it from
-    process 0 to the others, which run the same calls). Prefill calls first (each a group of
-    prompts of one length bucket, with its shape), then one decode call of `rows` padded to `b`,
-    attending to `window` positions, up to `max_steps` of `steps` steps, `top_k` alternatives
-    per token, under a grammar bitmask per row (all ones for free rows)."""
+class Prefill:
+    """Prompts to admit: prefill calls, each a group of prompts of one length bucket, with its
+    shape (P prompts of T tokens)."""
 
-    fills: tuple[tuple[Fill, ...], ...]
-    prefill_shapes: tuple[tuple[int, int], ...]
+    calls: tuple[tuple[Fill, ...], ...]
+    shapes: tuple[tuple[int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode:
+    """One decode call of `rows` padded to `b`, attending to `window` positions, up to
+    `max_steps` of `steps` steps, `top_k` alternatives per token, under a grammar bitmask per
+    row (all ones for free rows)."""
+
     rows: tuple[int, ...]
     b: int
     steps: int
@@ -89,8 +101,8 @@ class Plan:
 
 @dataclasses.dataclass(frozen=True)
 class Output:
-    """What one decode call produced, on the host: `tokens_bN[i, j]` is row `rows[i]`'s j-th
-    token this call (-1 after it ended); a stop token is reported, then the row ends."""
+    """What a call produced, on the host: `tokens_bN[i, j]` is row `rows[i]`'s j-th token this
+    call (-1 after it ended); a stop token is reported, then the row ends."""
 
     rows: tuple[int, ...]
     tokens_bN: np.ndarray
@@ -140,7 +152,7 @@ class Runner:
         mesh, config, dtype = model.mesh, model.config, model.module.dtype
         self.shardings = state_shardings(config, mesh, max_batch, max_len, dtype)
         jitted = _jitted(model.graphdef, config, max_batch, max_len, dtype, self.shardings)
-        self._empty, self._prefill, self._decode = jitted
+        self._empty, self._prefill, self._first, self._decode = jitted
         self.stop_ids = self._put(np.array(model.stop_token_ids or (-1,), np.int32))
         self.state = self._empty()
 
@@ -151,47 +163,64 @@ class Runner:
     def _put(self, tree):
         return sharding.put(tree, self.model.mesh)
 
-    def prefill(self, fills: Sequence[Fill], P: int, T: int) -> None:
-        """One prefill call: each `Fill`'s prompt (padded to `T` tokens) into its rows; `P`
-        prompts in all, the padding ones filling no row."""
-        self.state = self._prefill(*self._prefill_args(fills, P, T))
-
-    def compile_prefill(self, P: int, T: int) -> None:
-        """Compiles the prefill call of this shape without running it (warm-up)."""
-        self._prefill.lower(*self._prefill_args([], P, T)).compile()
-
-    def _prefill_args(self, fills: Sequence[Fill], P: int, T: int) -> tuple:
-        B, V = self.max_batch, self.model.config.vocab_size
-        A = P * max((len(f.rows) for f in fills), default=1)
-        tokens_PT, lengths_P = np.zeros((P, T), np.int32), np.ones(P, np.int32)
-        first_P = np.full(P, B, np.int32)  # out of range: a padding prompt, written nowhere
-        rows_A, prompt_A, max_new_A = np.full(A, B, np.int32), np.zeros(A, np.int32), np.zeros(A, np.int32)
-        settings = [(SamplingParams(temperature=0.0, seed=0), 0)] * A
-        a = 0
-        for p, fill in enumerate(fills):
-            tokens_PT[p, : len(fill.prompt)], lengths_P[p], first_P[p] = fill.prompt, len(fill.prompt), fill.rows[0]
-            for row, setting in zip(fill.rows, fill.settings):
-                rows_A[a], prompt_A[a], max_new_A[a], settings[a] = row, p, fill.max_new, setting
-                a += 1
-        args = (tokens_PT, lengths_P, first_P, rows_A, prompt_A, max_new_A, SamplingArrays.build(settings, V))
-        forks = any(len(f.rows) > 1 for f in fills)
-        return (forks, self.state, self.model.params, *self._put(args))
-
-    def execute(self, plan: Plan) -> Output:
-        """Runs a scheduler's plan for one step: its prefill calls, then its decode call. A prefill
-        call that fails with the state intact fails only its own rows (`Output.failed`); one that
-        took the state with it raises."""
-        failed = {}
-        for fills, (P, T) in zip(plan.fills, plan.prefill_shapes):
+    def admit(self, plan: Prefill) -> Output:
+        """Runs a scheduler's prefill calls: the first token of every row they fill. A call that
+        fails with the state intact fails only its own rows (`Output.failed`); one that took the
+        state with it raises."""
+        outputs, failed = [], {}
+        for fills, (P, T) in zip(plan.calls, plan.shapes):
             try:
-                self.prefill(fills, P, T)
+                outputs.append(self.prefill(fills, P, T))
             except Exception as e:
                 if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
                     raise
                 log.exception("prefill failed")
                 failed.update({row: RuntimeError(f"prefill failed: {e}") for fill in fills for row in fill.rows})
-        output = self.decode(plan.rows, plan.b, plan.steps, plan.window, plan.top_k, plan.allowed_bW, plan.max_steps)
-        return dataclasses.replace(output, failed=failed)
+        if not outputs:
+            nothing = np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32), np.zeros((0, 1, 0), np.int32), np.zeros((0, 1, 0), np.float32)
+            return Output((), *nothing, failed=failed)
+        fields = ("tokens_bN", "logprobs_bN", "top_ids_bNK", "top_logprobs_bNK")
+        rows = tuple(row for output in outputs for row in output.rows)
+        return Output(rows, *(np.concatenate([getattr(o, f) for o in outputs]) for f in fields), failed=failed)
+
+    def prefill(self, fills: Sequence[Fill], P: int, T: int) -> Output:
+        """One prefill call: each `Fill`'s prompt (padded to `T` tokens) into its rows, then each
+        row's first token; `P` prompts in all, the padding ones filling no row."""
+        prefill_args, first_args = self._prefill_args(fills, P, T)
+        self.state, logits_AV = self._prefill(*prefill_args)
+        self.state, out = self._first(self.state, self.stop_ids, logits_AV, *first_args)
+        rows = tuple(row for fill in fills for row in fill.rows)
+        return Output(rows, *(x[: len(rows)] for x in jax.device_get(out)))
+
+    def compile_prefill(self, P: int, T: int) -> None:
+        """Compiles the prefill call of this shape without running it (warm-up)."""
+        self._prefill.lower(*self._prefill_args([], P, T)[0]).compile()
+
+    def compile_first(self, P: int) -> None:
+        """Compiles the first-token call after a prefill of `P` prompts (warm-up)."""
+        first_args = self._prefill_args([], P, 1)[1]
+        logits_AV = jax.ShapeDtypeStruct((P, self.model.config.vocab_size), jnp.float32,
+                                         sharding=sharding.replicated(self.model.mesh))  # as the prefill returns them
+        self._first.lower(self.state, self.stop_ids, logits_AV, *first_args).compile()
+
+    def _prefill_args(self, fills: Sequence[Fill], P: int, T: int) -> tuple[tuple, tuple]:
+        """The arguments of the prefill call and of the first-token call after it."""
+        B, V = self.max_batch, self.model.config.vocab_size
+        A = P * max((len(f.rows) for f in fills), default=1)
+        tokens_PT, lengths_P = np.zeros((P, T), np.int32), np.ones(P, np.int32)
+        first_P = np.full(P, B, np.int32)  # out of range: a padding prompt, written nowhere
+        rows_A, prompt_A, max_new_A = np.full(A, B, np.int32), np.zeros(A, np.int32), np.zeros(A, np.int32)
+        allowed_AW = structured.fill_bitmask([None] * A, V)
+        settings = [(SamplingParams(temperature=0.0, seed=0), 0)] * A
+        a = 0
+        for p, fill in enumerate(fills):
+            tokens_PT[p, : len(fill.prompt)], lengths_P[p], first_P[p] = fill.prompt, len(fill.prompt), fill.rows[0]
+            for row, setting in zip(fill.rows, fill.settings):
+                rows_A[a], prompt_A[a], max_new_A[a], settings[a], allowed_AW[a] = row, p, fill.max_new, setting, fill.allowed_W
+                a += 1
+        args = self._put((tokens_PT, lengths_P, first_P, rows_A, prompt_A, max_new_A, SamplingArrays.build(settings, V), allowed_AW))
+        forks = any(len(f.rows) > 1 for f in fills)
+        return (forks, self.state, self.model.params, *args[:-1]), (args[3], args[-1])
 
     def compile_decode(self, b: int, window: int, steps: int, top_k: int = 0):
         """Compiles the decode call of this shape without running it (warm-up); returns the
@@ -201,18 +230,14 @@ class Runner:
         args = self._put((np.full(b, self.max_batch, np.int32), free_bW, np.int32(steps)))
         return self._decode.lower(steps, window, top_k, m.params, self.state, self.stop_ids, *args).compile()
 
-    def decode(self, rows: Sequence[int], b: int, steps: int, window: int, top_k: int, allowed_bW, max_steps: int) -> Output:
-        """Up to `max_steps` (<= `steps`) tokens for each of `rows` (padded to `b` rows),
-        attending to `window` cache positions; `top_k` alternatives per token (0 or
-        MAX_TOP_LOGPROBS); `allowed_bW` a grammar bitmask per row (see structured.py)."""
-        m = self.model
-        rows_b = np.full(b, self.max_batch, np.int32)
-        rows_b[: len(rows)] = rows
-        inputs = self._put((rows_b, allowed_bW, np.int32(max_steps)))
-        self.state, out = self._decode(steps, window, top_k, m.params, self.state, self.stop_ids, *inputs)
-        host = jax.device_get(out)
-        n = len(rows)
-        return Output(tuple(rows), *(x[:n] for x in host))
+    def decode(self, plan: Decode) -> Output:
+        """Up to `plan.max_steps` tokens for each of the plan's rows."""
+        rows_b = np.full(plan.b, self.max_batch, np.int32)
+        rows_b[: len(plan.rows)] = plan.rows
+        inputs = self._put((rows_b, plan.allowed_bW, np.int32(plan.max_steps)))
+        self.state, out = self._decode(plan.steps, plan.window, plan.top_k, self.model.params, self.state, self.stop_ids, *inputs)
+        n = len(plan.rows)
+        return Output(tuple(plan.rows), *(x[:n] for x in jax.device_get(out)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -220,21 +245,26 @@ def _jitted(graphdef, config, max_batch: int, max_len: int, dtype, shardings: Ru
     """The runner's jitted functions for one model structure and one state shape and layout,
     shared by every runner of them (so a `generate()` call compiles nothing an earlier one did).
     The model's structure is bound here, not passed as a static argument: jit would hash it on
-    every call (~1 ms for 30 unrolled layers)."""
+    every call (~1 ms for 30 unrolled layers). The first token is sampled by a call of its own,
+    whose shape depends only on the number of rows: inside the prefill, sampling would be
+    compiled again for every prompt shape (~0.7 s each here). It always returns the token's
+    top alternatives (once per request, cheap)."""
+    replicated = sharding.replicated(shardings.next_B.mesh)  # every host reads what a call produced
     empty = jax.jit(functools.partial(_empty, config, max_batch, max_len, dtype), out_shardings=shardings)
     prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnums=(0,), donate_argnums=(1,),
-                      out_shardings=shardings)  # fmt: skip
-    replicated = sharding.replicated(shardings.logits_BV.mesh)  # every host reads what the call produced
+                      out_shardings=(shardings, replicated))  # fmt: skip
+    first = jax.jit(functools.partial(_first, min(MAX_TOP_LOGPROBS, config.vocab_size)), donate_argnums=(0,),
+                    out_shardings=(shardings, replicated))  # fmt: skip
     decode = jax.jit(functools.partial(_decode, graphdef), static_argnums=(0, 1, 2), donate_argnums=(4,),
                      out_shardings=(shardings, replicated))  # fmt: skip
-    return empty, prefill, decode
+    return empty, prefill, first, decode
 
 
 def _empty(config, B: int, S: int, dtype) -> RunnerState:
     V = config.vocab_size
     return RunnerState(
         cache=KVCache.zeros(config, B, S, dtype),
-        logits_BV=jnp.zeros((B, V), jnp.float32),
+        next_B=jnp.zeros(B, jnp.int32),
         positions_B=jnp.zeros(B, jnp.int32),
         remaining_B=jnp.zeros(B, jnp.int32),
         counts_BV=jnp.zeros((B, V), jnp.int32),
@@ -243,10 +273,45 @@ def _empty(config, B: int, S: int, dtype) -> RunnerState:
     )
 
 
+class Picked(NamedTuple):
+    """One token per row, as recorded (-1 for a row that had ended), and the row's budget and
+    penalty counts after it; `token_b` is the token to feed next (valid for every row)."""
+
+    token_b: jax.Array
+    out: tuple[jax.Array, jax.Array, jax.Array, jax.Array]  # token (-1: none), its logprob, top ids, top logprobs
+    remaining_b: jax.Array
+    counts_bV: jax.Array
+    seen_bV: jax.Array
+
+
+def _pick(logits_bV, sampling, counts_bV, seen_bV, positions_b, allowed_bW, remaining_b, stop_ids, top_k: int) -> Picked:
+    """Samples the next token of every row that may still produce one (`remaining_b` > 0) at
+    `positions_b`, among those `allowed_bW` allows. A stop token ends its row (reported, never
+    fed); so does a spent budget."""
+    b = logits_bV.shape[0]
+    token_b = sample(logits_bV, sampling, counts_bV, seen_bV, positions_b, allowed_bW)
+    logprobs_bV = jax.nn.log_softmax(logits_bV, axis=-1)
+    live_b = remaining_b > 0
+    keep_b = live_b & ~jnp.isin(token_b, stop_ids)
+    if top_k:
+        top_lps_bK, top_ids_bK = jax.lax.top_k(logprobs_bV, top_k)
+    else:
+        top_lps_bK, top_ids_bK = jnp.zeros((b, 0), jnp.float32), jnp.zeros((b, 0), jnp.int32)
+    out = (jnp.where(live_b, token_b, -1), jnp.take_along_axis(logprobs_bV, token_b[:, None], axis=-1)[:, 0], top_ids_bK, top_lps_bK)
+    rows = jnp.arange(b)
+    return Picked(
+        token_b,
+        out,
+        jnp.where(keep_b, remaining_b - 1, 0),
+        counts_bV.at[rows, token_b].add(keep_b.astype(jnp.int32)),
+        seen_bV.at[rows, token_b].max(keep_b),
+    )
+
+
 def _prefill(graphdef, forks, state: RunnerState, params, tokens_PT, lengths_P, first_P, rows_A, prompt_A, max_new_A, sampling_A):
     """Runs the prompts, writing their keys and values into the first row of each; with `forks`,
-    copies them to the prompt's other rows; sets every filled row's logits, position, budget,
-    seen tokens and sampling settings."""
+    copies them to the prompt's other rows; sets every filled row's position, budget, seen
+    tokens and sampling settings. Returns the state and each filled row's next-token logits."""
     model = nnx.merge(graphdef, params)
     P, T = tokens_PT.shape
     positions_PT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
@@ -261,15 +326,35 @@ def _prefill(graphdef, forks, state: RunnerState, params, tokens_PT, lengths_P, 
     def put(dst, src):
         return dst.at[rows_A].set(src.astype(dst.dtype), mode="drop")
 
-    return RunnerState(
+    state = RunnerState(
         cache=cache,
-        logits_BV=put(state.logits_BV, logits_PV[prompt_A]),
+        next_B=state.next_B,
         positions_B=put(state.positions_B, lengths_P[prompt_A]),
         remaining_B=put(state.remaining_B, max_new_A),
         counts_BV=put(state.counts_BV, jnp.zeros_like(seen_PV[prompt_A], jnp.int32)),
         seen_BV=put(state.seen_BV, seen_PV[prompt_A]),
         sampling=jax.tree.map(put, state.sampling, sampling_A),
     )
+    return state, logits_PV[prompt_A]
+
+
+def _first(top_k, state: RunnerState, stop_ids, logits_AV, rows_A, allowed_AW):
+    """Samples the first token of rows `rows_A` from their prompts' logits. Returns the state
+    and the tokens `[A, 1]` (with logprobs and top alternatives)."""
+    get = functools.partial(_gather, rows_b=rows_A)
+    picked = _pick(logits_AV, rows_sampling(state.sampling, rows_A), get(state.counts_BV), get(state.seen_BV),
+                   get(state.positions_B), allowed_AW, get(state.remaining_B), stop_ids, top_k)  # fmt: skip
+
+    def put(dst, src):
+        return dst.at[rows_A].set(src, mode="drop")
+
+    state = state._replace(
+        next_B=put(state.next_B, picked.token_b),
+        remaining_B=put(state.remaining_B, picked.remaining_b),
+        counts_BV=put(state.counts_BV, picked.counts_bV),
+        seen_BV=put(state.seen_BV, picked.seen_bV),
+    )
+    return state, tuple(x[:, None] for x in picked.out)
 
 
 def rows_sampling(sampling: SamplingArrays, rows_b: jax.Array) -> SamplingArrays:
@@ -291,12 +376,10 @@ def _gather(x: jax.Array, rows_b: jax.Array) -> jax.Array:
 
 
 def _decode(graphdef, steps, window, top_k, params, state: RunnerState, stop_ids, rows_b, allowed_bW, max_steps):
-    """Up to `max_steps` steps for rows `rows_b`: sample each running row's next token (among
-    those `allowed_bW` allows), record it, and run the model on it. A stop token ends its row
-    (reported, not fed); a row ends when its budget is spent."""
+    """Up to `max_steps` steps for rows `rows_b`: feed each running row's pending token, then
+    sample its next (among those `allowed_bW` allows) and record it."""
     model = nnx.merge(graphdef, params)
-    b = rows_b.shape[0]
-
+    b, B = rows_b.shape[0], state.remaining_B.shape[0]
     sampling = rows_sampling(state.sampling, rows_b)
     out = (
         jnp.full((b, steps), -1, jnp.int32),
@@ -304,45 +387,33 @@ def _decode(graphdef, steps, window, top_k, params, state: RunnerState, stop_ids
         jnp.zeros((b, steps, top_k), jnp.int32),
         jnp.zeros((b, steps, top_k), jnp.float32),
     )
-    local = tuple(_gather(x, rows_b) for x in (state.logits_BV, state.positions_B, state.remaining_B, state.counts_BV, state.seen_BV))
+    local = tuple(_gather(x, rows_b) for x in (state.next_B, state.positions_B, state.remaining_B, state.counts_BV, state.seen_BV))
 
     def running(carry):
         _, local, _, step = carry
         return (step < max_steps) & jnp.any(local[2] > 0)
 
     def step(carry):
-        cache, (logits_bV, positions_b, remaining_b, counts_bV, seen_bV), out, j = carry
-        token_b = sample(logits_bV, sampling, counts_bV, seen_bV, positions_b, allowed_bW)
-        logprobs_bV = jax.nn.log_softmax(logits_bV, axis=-1)
+        cache, (next_b, positions_b, remaining_b, counts_bV, seen_bV), out, j = carry
         live_b = remaining_b > 0
-        keep_b = live_b & ~jnp.isin(token_b, stop_ids)  # a stop token ends the row, not part of its output
-        tokens_bN, logprobs_bN, top_ids_bNK, top_lps_bNK = out
-        tokens_bN = tokens_bN.at[:, j].set(jnp.where(live_b, token_b, -1))
-        logprobs_bN = logprobs_bN.at[:, j].set(jnp.take_along_axis(logprobs_bV, token_b[:, None], axis=-1)[:, 0])
-        if top_k:
-            top_lps_bK, top_ids_bK = jax.lax.top_k(logprobs_bV, top_k)
-            top_ids_bNK, top_lps_bNK = top_ids_bNK.at[:, j].set(top_ids_bK), top_lps_bNK.at[:, j].set(top_lps_bK)
-        meta = AttentionMeta(positions_b[:, None], jnp.where(keep_b, rows_b, state.remaining_B.shape[0]), window)
-        x_b1D, cache = model.hidden(token_b[:, None], meta, cache)
-        rows = jnp.arange(b)
-        local = (
-            jnp.where(keep_b[:, None], model.head(x_b1D)[:, 0], logits_bV),
-            positions_b + keep_b,
-            jnp.where(keep_b, remaining_b - 1, 0),
-            counts_bV.at[rows, token_b].add(keep_b.astype(jnp.int32)),
-            seen_bV.at[rows, token_b].max(keep_b),
-        )
-        return cache, local, (tokens_bN, logprobs_bN, top_ids_bNK, top_lps_bNK), j + 1
+        meta = AttentionMeta(positions_b[:, None], jnp.where(live_b, rows_b, B), window)
+        x_b1D, cache = model.hidden(next_b[:, None], meta, cache)
+        positions_b = positions_b + live_b
+        picked = _pick(model.head(x_b1D)[:, 0], sampling, counts_bV, seen_bV, positions_b, allowed_bW, remaining_b,
+                       stop_ids, top_k)  # fmt: skip
+        out = tuple(x.at[:, j].set(new) for x, new in zip(out, picked.out))
+        local = (picked.token_b, positions_b, picked.remaining_b, picked.counts_bV, picked.seen_bV)
+        return cache, local, out, j + 1
 
     cache, local, out, _ = jax.lax.while_loop(running, step, (state.cache, local, out, jnp.int32(0)))
 
     def put(dst, src):
         return dst.at[rows_b].set(src, mode="drop")
 
-    logits_bV, positions_b, remaining_b, counts_bV, seen_bV = local
+    next_b, positions_b, remaining_b, counts_bV, seen_bV = local
     state = RunnerState(
         cache=cache,
-        logits_BV=put(state.logits_BV, logits_bV),
+        next_B=put(state.next_B, next_b),
         positions_B=put(state.positions_B, positions_b),
         remaining_B=put(state.remaining_B, remaining_b),
         counts_BV=put(state.counts_BV, counts_bV),

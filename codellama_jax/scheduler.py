@@ -1,12 +1,13 @@
-"""The host side of generation: requests in, one plan per step, chunks out.
+"""The host side of generation: requests in, plans for the runner, chunks out.
 
 A `Sequence` is one sample of one request: its prompt, settings, text stream (detokenizing, stop
 strings, the end of a tools answer), grammar, and where its chunks go. The `Scheduler` keeps the
 waiting requests and which row each running sequence holds; each `step()` admits waiting
-requests into free rows (prompts of one length bucket prefilled together), plans one decode call
-over the live rows only (their count padded to a bucket, so one request on a 16-row server runs
-at batch-1 cost), has the runner execute the plan, and turns each row's new tokens into a
-`Chunk` for its sequence. `generate()` and the server's engine both drive this class.
+requests into free rows (prompts of one length bucket prefilled together; the prefill samples
+each row's first token, delivered at once), then plans one decode call over the live rows only
+(their count padded to a bucket, so one request on a 16-row server runs at batch-1 cost), and
+turns each row's new tokens into a `Chunk` for its sequence. `generate()` and the server's
+engine both drive this class.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from codellama_jax import buckets, structured, tools
 from codellama_jax.errors import ContextLengthExceeded, RequestError
 from codellama_jax.loader import Model
-from codellama_jax.runner import Fill, Output, Plan, Runner
+from codellama_jax.runner import Decode, Fill, Output, Prefill, Runner
 from codellama_jax.sampling import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
 from codellama_jax.tokenizer import TextStream
 
@@ -186,23 +187,24 @@ class Scheduler:
         return bool(self.waiting) or self.busy_rows > 0
 
     def step(self) -> None:
-        """Admits what fits, decodes every live row one call, and delivers each row's chunk."""
-        plan = self.plan()
-        if plan is None:
-            return
-        output = self.runner.execute(plan)
-        ended, outgoing = [], []
-        for i, row in enumerate(output.rows):
-            seq = self.rows[row]
-            chunk = self._chunk(seq, output, i) if row not in output.failed else output.failed[row]
-            if chunk is None:
-                continue
-            outgoing.append((seq, chunk))
+        """Admits what fits (their first tokens come from the prefill and are delivered at once),
+        then decodes every live row one call and delivers each row's chunk."""
+        admitted = self.prefill_plan()
+        if admitted is not None:
+            self._deliver(self.runner.admit(admitted))
+        decode = self.decode_plan()
+        if decode is not None:
+            self._deliver(self.runner.decode(decode))
+
+    def _deliver(self, output: Output) -> None:
+        """Each row's new tokens through its sequence; rows that ended are freed before their
+        consumers hear of the end."""
+        chunks = list(output.failed.items()) + [(row, self._chunk(self.rows[row], output, i)) for i, row in enumerate(output.rows)]
+        outgoing = [(row, self.rows[row], chunk) for row, chunk in chunks if chunk is not None]
+        for row, _, chunk in outgoing:
             if not isinstance(chunk, Chunk) or chunk.finish_reason is not None:
-                ended.append(row)
-        for row in ended:  # freed before the consumers hear of the end
-            self.rows[row] = None
-        for seq, chunk in outgoing:
+                self.rows[row] = None
+        for _, seq, chunk in outgoing:
             seq.deliver(chunk)
 
     def _chunk(self, seq: Sequence, output: Output, i: int) -> Chunk | BaseException | None:
@@ -217,10 +219,24 @@ class Scheduler:
             log.exception("request failed")
             return RuntimeError(f"request failed: {e}")
 
-    def plan(self) -> Plan | None:
-        """This step's plan: waiting requests admitted into free rows, then every live row
-        decoded; None when no row is live."""
+    def prefill_plan(self) -> Prefill | None:
+        """Waiting requests admitted into free rows, as prefill calls of prompts grouped by
+        length bucket; None when none is admitted."""
         fills = self._admit()
+        if not fills:
+            return None
+        by_shape: dict[int, list[list[Fill]]] = {}  # prompt bucket -> prefill calls
+        for fill in fills:
+            T = buckets.prompt_bucket(len(fill.prompt), self.max_len)
+            groups = by_shape.setdefault(T, [[]])
+            if len(groups[-1]) == buckets.prompts_per_call(T, self.max_batch, self.max_len):
+                groups.append([])
+            groups[-1].append(fill)
+        calls = [(tuple(g), (buckets.rows_bucket(len(g), self.max_batch), T)) for T, gs in by_shape.items() for g in gs]
+        return Prefill(calls=tuple(c[0] for c in calls), shapes=tuple(c[1] for c in calls))
+
+    def decode_plan(self) -> Decode | None:
+        """One decode call over every live row; None when no row is live."""
         grammar_failed = True
         while grammar_failed:  # a row whose grammar cannot go on fails; the others are planned
             live = [(row, seq) for row, seq in enumerate(self.rows) if seq is not None]
@@ -237,33 +253,21 @@ class Scheduler:
         b = buckets.rows_bucket(len(live), self.max_batch)
         allowed_bW = np.tile(self._free_mask, (b, 1))
         allowed_bW[: len(live)] = allowed
-        constrained = any(seq.constraint is not None for _, seq in live)
         steps = self.steps_per_call
         furthest = max(len(seq.prompt_ids) + seq.completion_tokens for _, seq in live)
-        by_shape: dict[int, list[list[Fill]]] = {}  # prompt bucket -> prefill calls
-        for fill in fills:
-            T = buckets.prompt_bucket(len(fill.prompt), self.max_len)
-            groups = by_shape.setdefault(T, [[]])
-            if len(groups[-1]) == buckets.prompts_per_call(T, self.max_batch, self.max_len):
-                groups.append([])
-            groups[-1].append(fill)
-        calls = [(tuple(g), (buckets.rows_bucket(len(g), self.max_batch), T)) for T, gs in by_shape.items() for g in gs]
-        return Plan(
-            fills=tuple(c[0] for c in calls),
-            prefill_shapes=tuple(c[1] for c in calls),
+        return Decode(
             rows=tuple(row for row, _ in live),
             b=b,
             steps=steps,
-            # a grammar's mask holds for one token; a step that admitted requests ends after their
-            # first token, so that it reaches their clients without waiting for `steps` more
-            max_steps=1 if constrained or fills else steps,
+            max_steps=1 if any(seq.constraint is not None for _, seq in live) else steps,  # a grammar's mask holds for one token
             window=buckets.window_bucket(furthest + steps, self.max_len),
             top_k=self._top_k if any(seq.params.top_logprobs for _, seq in live) else 0,
             allowed_bW=allowed_bW,
         )
 
     def _admit(self) -> list[Fill]:
-        """Waiting requests into free rows, in order, while their samples fit."""
+        """Waiting requests into free rows, in order, while their samples fit. A request whose
+        grammar allows no first token ends here."""
         fills = []
         while self.waiting:
             sequences = self.waiting[0]
@@ -274,12 +278,18 @@ class Scheduler:
             if len(free) < len(sequences):
                 break
             self.waiting.popleft()
+            first = sequences[0]
+            try:  # every sample's grammar starts alike
+                allowed_W = structured.fill_bitmask([first.constraint], self.model.config.vocab_size)[0]
+            except structured.ConstraintError as e:
+                for seq in sequences:
+                    seq.deliver(e.errors[0])
+                continue
             rows = free[: len(sequences)]
             for row, seq in zip(rows, sequences):
                 self.rows[row] = seq
-            first = sequences[0]
             settings = tuple((s.params, s.index) for s in sequences)
-            fills.append(Fill(tuple(first.prompt_ids), tuple(rows), settings, first.max_new))
+            fills.append(Fill(tuple(first.prompt_ids), tuple(rows), settings, first.max_new, allowed_W))
         return fills
 
     def _logprobs(self, output: Output, i: int, count: int, params: SamplingParams) -> list[TokenLogprob]:

@@ -144,16 +144,16 @@ def test_a_failing_request_fails_alone_and_a_failed_step_is_recovered(model, mon
                                     (PROMPTS[2], good)]))  # fmt: skip
         assert results[1] == "request failed: injected"
         assert results[0] == generate(model, [PROMPTS[0]], temperature=0.0, max_tokens=8)[0].token_ids
-        execute = Runner.execute
+        decode = Runner.decode
         calls = []
 
         def failing_once(self, plan):
             if not calls:
                 calls.append(1)
                 raise RuntimeError("device lost")
-            return execute(self, plan)
+            return decode(self, plan)
 
-        monkeypatch.setattr(Runner, "execute", failing_once)
+        monkeypatch.setattr(Runner, "decode", failing_once)
         assert asyncio.run(main([(PROMPTS[0], good)])) == ["generation failed: device lost"]
         assert asyncio.run(main([(PROMPTS[0], good)]))[0] == results[0]  # the engine serves on
     finally:

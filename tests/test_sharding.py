@@ -115,7 +115,7 @@ def test_parameters_and_cache_are_laid_out_by_the_rules(case):
         state = scheduler.runner.state
         for cache in state.cache:  # [L, B, K, S, H]
             assert laid_out(cache, mesh, P(None, "data", kv_heads, None, None)), when
-        assert laid_out(state.logits_BV, mesh, P("data", None)) and laid_out(state.positions_B, mesh, P("data")), when
+        assert laid_out(state.next_B, mesh, P("data")) and laid_out(state.positions_B, mesh, P("data")), when
         done = []
         scheduler.add(scheduler.sequences(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4), lambda i: done.append))
         while scheduler.has_work():
