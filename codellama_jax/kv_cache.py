@@ -43,10 +43,11 @@ class KVCache(NamedTuple):
         return KVCache(put(self.k_LBKSH, k_BTKH), put(self.v_LBKSH, v_BTKH))
 
     def read(self, layer, rows_B: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
-        """Keys and values `[B, K, window, H]` of cache rows `rows_B` (zeros for a row outside)."""
+        """Keys and values `[B, K, window, H]` of cache rows `rows_B`; a row outside (padding)
+        reads the last row (clamped: a gather that fills would mask every element it reads)."""
 
         def get(cache):
-            return cache.at[layer, rows_B, :, :window].get(mode="fill", fill_value=0)
+            return cache.at[layer, rows_B, :, :window].get(mode="clip")
 
         return get(self.k_LBKSH), get(self.v_LBKSH)
 
