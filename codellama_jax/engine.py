@@ -2,8 +2,8 @@
 thread, fed from the event loop.
 
 Requests are submitted from the event loop and come back as `Handle`s to async-iterate; the
-device thread admits them into free rows and steps every live row, each step a plan the runner
-executes. A request whose consumer cancels, or whose stop string appears, ends at the next step
+device thread admits them into free rows and steps every live row, each step the scheduler's plans
+for the runner. A request whose consumer cancels, or whose stop string appears, ends at the next step
 and its row is freed.
 
     engine = Engine(model, max_batch=8)

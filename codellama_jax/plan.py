@@ -48,7 +48,7 @@ class Plan:
     usable: float
     weight_bytes: int
     cache_bytes: int
-    state_bytes: int  # the runner's other per-row state (logits, penalties, sampling settings), exact
+    state_bytes: int  # the runner's other per-row state (pending token, penalties, sampling settings), exact
     work_bytes: int  # that state and one prefill's activations (an estimate)
     largest_batch: int  # at max_len; 0 when not even one row fits
 

@@ -58,7 +58,7 @@ def _state_axes(state: RunnerState) -> RunnerState:
     )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Fill:
     """One prompt to prefill into its rows (n > 1 samples: several), each row with its sampling
     settings (a seed always set, so every process draws alike) and sample index, and the
@@ -71,8 +71,8 @@ class Fill:
     allowed_W: np.ndarray
 
 
-# The scheduler's decisions are plain values (a multi-host server sends them from process 0 to
-# the others, which run the same calls).
+# The scheduler's decisions are plain values: every process of a multi-host server plans alike
+# and runs the same calls (SPMD; host values reach the devices through `sharding.put`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +84,7 @@ class Prefill:
     shapes: tuple[tuple[int, int], ...]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Decode:
     """One decode call of `rows` padded to `b`, attending to `window` positions, up to
     `max_steps` of `steps` steps, `top_k` alternatives per token, under a grammar bitmask per
@@ -164,33 +164,35 @@ class Runner:
         return sharding.put(tree, self.model.mesh)
 
     def admit(self, plan: Prefill) -> Output:
-        """Runs a scheduler's prefill calls: the first token of every row they fill. A call that
-        fails with the state intact fails only its own rows (`Output.failed`); one that took the
-        state with it raises."""
-        outputs, failed = [], {}
+        """Runs a scheduler's prefill calls: the first token of every row they fill. A call
+        refused with the state intact fails only its own rows (`Output.failed`); one that took
+        the state with it raises, and so does any failure once the calls are dispatched (it
+        happened on the device, and the state went with it)."""
+        rows, dispatched, failed = [], [], {}
         for fills, (P, T) in zip(plan.calls, plan.shapes):
             try:
-                outputs.append(self.prefill(fills, P, T))
+                dispatched.append(self.prefill(fills, P, T))
             except Exception as e:
                 if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
                     raise
                 log.exception("prefill failed")
                 failed.update({row: RuntimeError(f"prefill failed: {e}") for fill in fills for row in fill.rows})
+                continue
+            rows.append(tuple(row for fill in fills for row in fill.rows))
+        outputs = [tuple(x[: len(r)] for x in out) for r, out in zip(rows, jax.device_get(dispatched))]
         if not outputs:
-            nothing = np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32), np.zeros((0, 1, 0), np.int32), np.zeros((0, 1, 0), np.float32)
-            return Output((), *nothing, failed=failed)
-        fields = ("tokens_bN", "logprobs_bN", "top_ids_bNK", "top_logprobs_bNK")
-        rows = tuple(row for output in outputs for row in output.rows)
-        return Output(rows, *(np.concatenate([getattr(o, f) for o in outputs]) for f in fields), failed=failed)
+            outputs = [(np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32), np.zeros((0, 1, 0), np.int32),
+                        np.zeros((0, 1, 0), np.float32))]  # fmt: skip
+        return Output(tuple(row for r in rows for row in r), *(np.concatenate(x) for x in zip(*outputs)), failed=failed)
 
-    def prefill(self, fills: Sequence[Fill], P: int, T: int) -> Output:
-        """One prefill call: each `Fill`'s prompt (padded to `T` tokens) into its rows, then each
-        row's first token; `P` prompts in all, the padding ones filling no row."""
+    def prefill(self, fills: Sequence[Fill], P: int, T: int) -> tuple[jax.Array, ...]:
+        """Dispatches one prefill call: each `Fill`'s prompt (padded to `T` tokens) into its rows,
+        then each row's first token; `P` prompts in all, the padding ones filling no row. Returns
+        the first tokens `[A, 1]` (and logprobs, top alternatives) on the device, rows in order."""
         prefill_args, first_args = self._prefill_args(fills, P, T)
         self.state, logits_AV = self._prefill(*prefill_args)
         self.state, out = self._first(self.state, self.stop_ids, logits_AV, *first_args)
-        rows = tuple(row for fill in fills for row in fill.rows)
-        return Output(rows, *(x[: len(rows)] for x in jax.device_get(out)))
+        return out
 
     def compile_prefill(self, P: int, T: int) -> None:
         """Compiles the prefill call of this shape without running it (warm-up)."""

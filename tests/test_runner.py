@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from codellama_jax import load, structured
-from codellama_jax.runner import Decode, Fill, Runner, rows_sampling
+from codellama_jax.runner import Decode, Fill, Prefill, Runner, rows_sampling
 from codellama_jax.sampling import SamplingArrays, SamplingParams
 
 
@@ -41,9 +41,9 @@ def test_the_prefill_samples_each_rows_first_token_and_a_last_token_is_never_fed
     greedy = SamplingParams(temperature=0.0, seed=0)
     forced_stop = SamplingParams(temperature=0.0, seed=0, logit_bias={stop: 100.0})
     runner = Runner(model, max_batch=4, max_len=32)
-    output = runner.prefill([Fill(tuple(prompts[0]), (2,), ((greedy, 0),), 3, free_W),
-                             Fill(tuple(prompts[1]), (0,), ((greedy, 0),), 1, free_W),
-                             Fill(tuple(prompts[1]), (3,), ((forced_stop, 0),), 5, free_W)], P=4, T=8)  # fmt: skip
+    fills = (Fill(tuple(prompts[0]), (2,), ((greedy, 0),), 3, free_W), Fill(tuple(prompts[1]), (0,), ((greedy, 0),), 1, free_W),
+             Fill(tuple(prompts[1]), (3,), ((forced_stop, 0),), 5, free_W))  # fmt: skip
+    output = runner.admit(Prefill((fills,), ((4, 8),)))
     assert output.rows == (2, 0, 3)
     assert output.tokens_bN[:, 0].tolist() == [want[0][0], want[1][0], stop]
     assert np.asarray(runner.state.remaining_B).tolist() == [0, 0, 2, 0]  # row 1 never filled
