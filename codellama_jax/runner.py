@@ -87,8 +87,8 @@ class Prefill:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Decode:
     """One decode call of `rows` padded to `b`, attending to `window` positions, up to
-    `max_steps` of `steps` steps, `top_k` alternatives per token, under a grammar bitmask per
-    row (all ones for free rows)."""
+    `max_steps` of `steps` steps, `top_k` alternatives per token (0: no logprobs at all), under
+    a grammar bitmask per row (all ones for free rows)."""
 
     rows: tuple[int, ...]
     b: int
@@ -289,17 +289,19 @@ class Picked(NamedTuple):
 def _pick(logits_bV, sampling, counts_bV, seen_bV, positions_b, allowed_bW, remaining_b, stop_ids, top_k: int) -> Picked:
     """Samples the next token of every row that may still produce one (`remaining_b` > 0) at
     `positions_b`, among those `allowed_bW` allows. A stop token ends its row (reported, never
-    fed); so does a spent budget."""
+    fed); so does a spent budget. With `top_k` 0 no logprob is computed (reported as 0)."""
     b = logits_bV.shape[0]
     token_b = sample(logits_bV, sampling, counts_bV, seen_bV, positions_b, allowed_bW)
-    logprobs_bV = jax.nn.log_softmax(logits_bV, axis=-1)
     live_b = remaining_b > 0
     keep_b = live_b & ~jnp.isin(token_b, stop_ids)
     if top_k:
+        logprobs_bV = jax.nn.log_softmax(logits_bV, axis=-1)
         top_lps_bK, top_ids_bK = jax.lax.top_k(logprobs_bV, top_k)
-    else:
+        logprob_b = jnp.take_along_axis(logprobs_bV, token_b[:, None], axis=-1)[:, 0]
+    else:  # no row asked for logprobs: a vocabulary-wide pass less per row and step
         top_lps_bK, top_ids_bK = jnp.zeros((b, 0), jnp.float32), jnp.zeros((b, 0), jnp.int32)
-    out = (jnp.where(live_b, token_b, -1), jnp.take_along_axis(logprobs_bV, token_b[:, None], axis=-1)[:, 0], top_ids_bK, top_lps_bK)
+        logprob_b = jnp.zeros(b, jnp.float32)
+    out = (jnp.where(live_b, token_b, -1), logprob_b, top_ids_bK, top_lps_bK)
     rows = jnp.arange(b)
     return Picked(
         token_b,

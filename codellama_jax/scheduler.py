@@ -261,7 +261,7 @@ class Scheduler:
             steps=steps,
             max_steps=1 if any(seq.constraint is not None for _, seq in live) else steps,  # a grammar's mask holds for one token
             window=buckets.window_bucket(furthest + steps, self.max_len),
-            top_k=self._top_k if any(seq.params.top_logprobs for _, seq in live) else 0,
+            top_k=self._top_k if any(seq.params.logprobs for _, seq in live) else 0,  # 0: no logprobs at all
             allowed_bW=allowed_bW,
         )
 

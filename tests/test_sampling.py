@@ -21,6 +21,7 @@ from codellama_jax.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    argmax,
     sample,
 )
 
@@ -178,3 +179,11 @@ def test_inverse_cdf_draw_follows_the_probabilities_across_chunks():
     np.testing.assert_allclose(counts / grid, probs, atol=3 / grid)
     edge = np.asarray(draw(jnp.asarray(probs[None], jnp.float32), jnp.asarray([np.nextafter(np.float32(1), 0)])))
     assert edge[0] == np.flatnonzero(probs)[-1]
+
+
+def test_argmax_is_numpys_first_maximum():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, (6, 300)).astype(np.float32)  # many ties: the first maximum wins
+    x[1] = -np.inf
+    x[2, 299] = np.inf
+    np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
