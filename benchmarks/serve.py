@@ -8,7 +8,10 @@
 
 Prints, per client count, requests/s, output tokens/s, time to first token p50/p99 and the
 throughput relative to one client (what continuous batching buys). `--against` runs the same
-workload on a second OpenAI endpoint right after and prints its row and our ratios to it;
+workload on a second OpenAI endpoint and prints its row and our ratios to it; the servers take
+turns, each workload's seconds split into `--rounds` runs (ours, the other; the other, ours;
+...), so a shared machine speeding up or slowing down meanwhile weighs on both alike (each run
+ends waiting for its last requests, counted in its time: more rounds, a little lower figures);
 `--library` first runs the same prompts one after another through `generate()` in this process
 (batch 1, same settings) and prints one client's tokens/s as a fraction of that.
 """
@@ -64,7 +67,9 @@ def library_rate(path: str, seconds: float, max_tokens: int, scan_layers: bool =
     return tokens / (time.perf_counter() - start)
 
 
-async def run(url: str, api_key: str, model: str | None, clients: int, seconds: float, max_tokens: int) -> dict:
+async def run(url: str, api_key: str, model: str | None, clients: int, seconds: float, max_tokens: int) -> tuple[list, float]:
+    """(time to first token, output tokens) of each request `clients` clients completed, and the
+    seconds they took."""
     # the SDK's default retries, as applications use it: some servers (llama-server) close idle
     # keep-alive connections, and a request sent on one is retried on a fresh connection
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, timeout=600) as client:
@@ -72,10 +77,14 @@ async def run(url: str, api_key: str, model: str | None, clients: int, seconds: 
         results: list = []
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(client, model, start + seconds, max_tokens, 1000 * c, results) for c in range(clients)))
-        elapsed = time.perf_counter() - start
+        return results, time.perf_counter() - start
+
+
+def summary(runs: list[tuple[list, float]]) -> dict:
+    """The figures of several runs of one workload on one server, pooled."""
+    results, elapsed = [r for rs, _ in runs for r in rs], sum(seconds for _, seconds in runs)
     ttft = np.array([r[0] for r in results])
     return {
-        "clients": clients,
         "requests": len(results),
         "requests_s": len(results) / elapsed,
         "tokens_s": sum(r[1] for r in results) / elapsed,
@@ -95,10 +104,14 @@ def main() -> None:
     parser.add_argument("--against", metavar="URL", help="a second OpenAI endpoint to run the same workload on")
     parser.add_argument("--against-model", help="its model name (default: its first model)")
     parser.add_argument("--against-key", default="none", help="a key it accepts, if it requires one")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="split each workload's seconds into this many runs, taken in turns over the servers")
     parser.add_argument("--library", metavar="MODEL", help="also run the requests through generate() on this checkpoint")
     parser.add_argument("--library-no-scan-layers", dest="library_scan_layers", action="store_false",
                         help="load it with unrolled layers (as a server started with --no-scan-layers)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     reference = (library_rate(args.library, args.seconds, args.max_tokens, args.library_scan_layers)
                  if args.library else None)  # fmt: skip
     if reference:
@@ -108,11 +121,17 @@ def main() -> None:
     targets = [("ours", args.url, args.api_key, args.model)]
     if args.against:
         targets.append(("other", args.against, args.against_key, args.against_model))
-    results = {}
-    for name, url, key, model in targets:
+    runs: dict[tuple[str, int], list] = {}
+    for round_ in range(args.rounds):
+        for clients in args.clients:
+            for name, url, key, model in targets[:: 1 if round_ % 2 == 0 else -1]:  # who goes first alternates
+                run_seconds = args.seconds / args.rounds
+                runs.setdefault((name, clients), []).append(asyncio.run(run(url, key, model, clients, run_seconds, args.max_tokens)))
+    results = {key: summary(value) for key, value in runs.items()}
+    for name, *_ in targets:
         base = None
         for clients in args.clients:
-            r = results[name, clients] = asyncio.run(run(url, key, model, clients, args.seconds, args.max_tokens))
+            r = results[name, clients]
             base = base or (r["tokens_s"] if clients == 1 else None)
             ratio = f"{r['tokens_s'] / base:.2f}x" if base else "-"
             other = results.get(("ours", clients)) if name == "other" else None

@@ -3,12 +3,13 @@ layout on the mesh is pinned from the rule table, for the state's whole life.
 
 A runner holds `max_batch` rows of up to `max_len` tokens. `prefill` runs some prompts, writes
 their keys and values and sampling settings into chosen rows, and samples each row's first token
-(so it reaches its client without waiting for a decode step); `decode` advances chosen rows up
-to `steps` tokens each, feeding the token sampled last and sampling the next, and returns only
-those tokens (and their logprobs), never the history. A row's last token is never fed. Both take and return the state with its
-buffers donated and `out_shardings` pinned, so the cache is created on its shards and never
-lands whole on one device or gets replicated unless `sharding.RULES` says so. Which rows run,
-with which shapes, is the scheduler's decision (scheduler.py); shapes come from buckets.py.
+(so it reaches its client without waiting for a decode step); `launch` dispatches a decode call
+that advances chosen rows up to `steps` tokens each, feeding the token sampled last and sampling
+the next, and `collect` returns only those tokens (and their logprobs), never the history. A
+row's last token is never fed. Both calls take and return the state with its buffers donated
+and `out_shardings` pinned, so the cache is created on its shards and never lands whole on one
+device or gets replicated unless `sharding.RULES` says so. Which rows run, with which shapes, is
+the scheduler's decision (scheduler.py); shapes come from buckets.py.
 """
 
 from __future__ import annotations
@@ -107,9 +108,16 @@ class Output:
     rows: tuple[int, ...]
     tokens_bN: np.ndarray
     logprobs_bN: np.ndarray
-    top_ids_bNK: np.ndarray  # K is 0 unless a row asked for top logprobs
+    top_ids_bNK: np.ndarray  # K is 0 unless a row asked for logprobs
     top_logprobs_bNK: np.ndarray
     failed: dict[int, Exception] = dataclasses.field(default_factory=dict)  # rows whose prefill failed: why
+
+
+class Launched(NamedTuple):
+    """A decode call dispatched to the device: its rows and its outputs, not yet computed."""
+
+    rows: tuple[int, ...]
+    out: tuple[jax.Array, ...]
 
 
 def state_shardings(config, mesh, max_batch: int, max_len: int, dtype) -> RunnerState:
@@ -232,14 +240,21 @@ class Runner:
         args = self._put((np.full(b, self.max_batch, np.int32), free_bW, np.int32(steps)))
         return self._decode.lower(steps, window, top_k, m.params, self.state, self.stop_ids, *args).compile()
 
-    def decode(self, plan: Decode) -> Output:
-        """Up to `plan.max_steps` tokens for each of the plan's rows."""
+    def launch(self, plan: Decode) -> Launched:
+        """Dispatches a decode call of up to `plan.max_steps` tokens for each of the plan's rows,
+        without waiting for it: the device runs it after the calls dispatched before, while the
+        host goes on (`collect` waits for its tokens)."""
         rows_b = np.full(plan.b, self.max_batch, np.int32)
         rows_b[: len(plan.rows)] = plan.rows
         inputs = self._put((rows_b, plan.allowed_bW, np.int32(plan.max_steps)))
         self.state, out = self._decode(plan.steps, plan.window, plan.top_k, self.model.params, self.state, self.stop_ids, *inputs)
-        n = len(plan.rows)
-        return Output(tuple(plan.rows), *(x[:n] for x in jax.device_get(out)))
+        return Launched(tuple(plan.rows), out)
+
+    @staticmethod
+    def collect(launched: Launched) -> Output:
+        """What a launched decode call produced, once the device has run it."""
+        n = len(launched.rows)
+        return Output(launched.rows, *(x[:n] for x in jax.device_get(launched.out)))
 
 
 @functools.lru_cache(maxsize=8)

@@ -144,16 +144,16 @@ def test_a_failing_request_fails_alone_and_a_failed_step_is_recovered(model, mon
                                     (PROMPTS[2], good)]))  # fmt: skip
         assert results[1] == "request failed: injected"
         assert results[0] == generate(model, [PROMPTS[0]], temperature=0.0, max_tokens=8)[0].token_ids
-        decode = Runner.decode
+        collect = Runner.collect
         calls = []
 
-        def failing_once(self, plan):
+        def failing_once(launched):
             if not calls:
                 calls.append(1)
                 raise RuntimeError("device lost")
-            return decode(self, plan)
+            return collect(launched)
 
-        monkeypatch.setattr(Runner, "decode", failing_once)
+        monkeypatch.setattr(Runner, "collect", staticmethod(failing_once))
         assert asyncio.run(main([(PROMPTS[0], good)])) == ["generation failed: device lost"]
         assert asyncio.run(main([(PROMPTS[0], good)]))[0] == results[0]  # the engine serves on
     finally:

@@ -12,6 +12,7 @@ import transformers
 from codellama_jax import load
 from codellama_jax import buckets
 from codellama_jax.generation import chat, generate, stream
+from codellama_jax.runner import Runner
 from codellama_jax.sampling import SamplingParams
 from codellama_jax.scheduler import Scheduler
 from jax._src.dispatch import BACKEND_COMPILE_EVENT
@@ -165,6 +166,42 @@ def test_stop_strings_across_tokens_in_generate_and_stream(tiny):
     assert stop in model.tokenizer.decode(stopped.token_ids, continuation=True)
     assert stop not in model.tokenizer.decode(stopped.token_ids[:-1], continuation=True)
     assert all(stop[:2] not in d for d in deltas if len(stop) > 1)
+
+
+def test_the_host_runs_a_call_ahead_and_drops_what_an_ended_row_made_meanwhile(tiny, monkeypatch):
+    """While a lone row decodes, each call is launched before the one before it is collected; a
+    sequence the host ends (a stop string) while its row's next call runs gets nothing of that
+    call, which is not waited for, and a request admitted into the row at once (its prefill
+    queued behind that call on the device) comes out as if alone."""
+    model, _ = tiny
+    free = generate(model, [PROMPTS[1]], temperature=0.0, max_tokens=40)[0]
+    stop = free.text[len(free.text) // 3 :][:3]
+    stopped = generate(model, [PROMPTS[1]], temperature=0.0, max_tokens=40, stop=[stop])[0]
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) < 38
+    alone = generate(model, [PROMPTS[0]], temperature=0.0, max_tokens=12)[0]
+    events = []
+    launch, collect = Runner.launch, Runner.collect
+    monkeypatch.setattr(Runner, "launch", lambda self, plan: events.append("launch") or launch(self, plan))
+    monkeypatch.setattr(Runner, "collect", staticmethod(lambda launched: events.append("collect") or collect(launched)))
+    scheduler = Scheduler(model, max_batch=1, max_len=128, steps_per_call=2)
+    first, second, launched_before_stop = [], [], []
+
+    def deliver_first(chunk):
+        first.append(chunk)
+        if chunk.finish_reason is not None:  # the next request arrives at once
+            launched_before_stop.append(events.count("launch"))
+            scheduler.add(scheduler.sequences(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=12),
+                                              lambda _: second.append))  # fmt: skip
+
+    scheduler.add(scheduler.sequences(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=40, stop=[stop]),
+                                      lambda _: deliver_first))  # fmt: skip
+    while scheduler.has_work():
+        scheduler.step()
+    assert launched_before_stop[0] >= 3 and "launch,launch,collect" in ",".join(events)  # ran ahead
+    assert events.count("launch") == events.count("collect") + 2  # each request's call after its end: not waited for
+    for got, want in ((first, stopped), (second, alone)):
+        assert [c.finish_reason for c in got].index(want.finish_reason) == len(got) - 1  # nothing after the end
+        assert sum((c.token_ids for c in got), []) == want.token_ids
 
 
 def test_stream_reassembles_generate(tiny):

@@ -47,7 +47,7 @@ def test_the_prefill_samples_each_rows_first_token_and_a_last_token_is_never_fed
     assert output.rows == (2, 0, 3)
     assert output.tokens_bN[:, 0].tolist() == [want[0][0], want[1][0], stop]
     assert np.asarray(runner.state.remaining_B).tolist() == [0, 0, 2, 0]  # row 1 never filled
-    decoded = runner.decode(Decode((2, 0, 3), 4, 4, 4, 16, 0, structured.fill_bitmask([None] * 4, V)))
+    decoded = runner.collect(runner.launch(Decode((2, 0, 3), 4, 4, 4, 16, 0, structured.fill_bitmask([None] * 4, V))))
     assert decoded.tokens_bN[0].tolist() == [*want[0][1:], -1, -1]
     assert decoded.tokens_bN[1:].tolist() == [[-1] * 4] * 2
     assert int(runner.state.positions_B[2]) == len(prompts[0]) + 2  # two tokens fed, the third never
