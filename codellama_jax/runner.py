@@ -342,8 +342,7 @@ def _prefill(graphdef, forks, state: RunnerState, params, tokens_PT, lengths_P, 
     in_prompt_PT = jnp.arange(T)[None, :] < lengths_P[:, None]
     seen_PV = jnp.zeros((P, V), bool).at[jnp.arange(P)[:, None], tokens_PT].max(in_prompt_PT)
 
-    def put(dst, src):
-        return dst.at[rows_A].set(src.astype(dst.dtype), mode="drop")
+    put = functools.partial(_scatter, rows_b=rows_A)
 
     state = RunnerState(
         cache=cache,
@@ -364,8 +363,7 @@ def _first(top_k, state: RunnerState, stop_ids, logits_AV, rows_A, allowed_AW):
     picked = _pick(logits_AV, rows_sampling(state.sampling, rows_A), get(state.counts_BV), get(state.seen_BV),
                    get(state.positions_B), allowed_AW, get(state.remaining_B), stop_ids, top_k)  # fmt: skip
 
-    def put(dst, src):
-        return dst.at[rows_A].set(src, mode="drop")
+    put = functools.partial(_scatter, rows_b=rows_A)
 
     state = state._replace(
         next_B=put(state.next_B, picked.token_b),
@@ -392,6 +390,11 @@ def rows_sampling(sampling: SamplingArrays, rows_b: jax.Array) -> SamplingArrays
 def _gather(x: jax.Array, rows_b: jax.Array) -> jax.Array:
     """Rows `rows_b` of a per-row array; zeros for a row out of range (padding)."""
     return x.at[rows_b].get(mode="fill", fill_value=0)
+
+
+def _scatter(x: jax.Array, values_b: jax.Array, rows_b: jax.Array) -> jax.Array:
+    """`x` with rows `rows_b` set to `values_b`; a row out of range (padding) is written nowhere."""
+    return x.at[rows_b].set(values_b.astype(x.dtype), mode="drop")
 
 
 def _decode(graphdef, steps, window, top_k, params, state: RunnerState, stop_ids, rows_b, allowed_bW, max_steps):
@@ -426,8 +429,7 @@ def _decode(graphdef, steps, window, top_k, params, state: RunnerState, stop_ids
 
     cache, local, out, _ = jax.lax.while_loop(running, step, (state.cache, local, out, jnp.int32(0)))
 
-    def put(dst, src):
-        return dst.at[rows_b].set(src, mode="drop")
+    put = functools.partial(_scatter, rows_b=rows_b)
 
     next_b, positions_b, remaining_b, counts_bV, seen_bV = local
     state = RunnerState(

@@ -249,8 +249,8 @@ def process(logits_BV, s: SamplingArrays, counts_BV, seen_BV, allowed_BW=None):
 def draw(probs_BV, u_B):
     """Inverse-CDF sampling: per row the token where the cumulative probability passes `u`
     (uniform in [0, 1)); `probs_BV` need not be normalized (a softmax's division saved). One
-    random number per row, where a Gumbel draw needs one per vocabulary
-    entry (~6x faster at 16 rows x 49k tokens on CPU). Two levels, chunks of `_CHUNK` tokens and
+    random number per row, where a Gumbel draw needs one per vocabulary entry (~6x faster at 16
+    rows x 49k tokens on CPU). Two levels, chunks of `_CHUNK` tokens and
     then a token within its chunk, keep the float32 running sums accurate for rare tokens."""
     B, V = probs_BV.shape
     C = _CHUNK
@@ -277,12 +277,12 @@ def draw(probs_BV, u_B):
 _CHUNK = 256
 
 
-def argmax(x_BV):
-    """Each row's first index of its maximum, as a max and then a min over indices: XLA:CPU
-    vectorizes both, where `jnp.argmax` (one reduce of value-index pairs) took 1.7 ms of a
-    16-row decode step's 2.3 ms of sampling here."""
+def argmax(x_BV, max_B1=None):
+    """Each row's first index of its maximum (`max_B1`, when already known), as a max and then
+    a min over indices: XLA:CPU vectorizes both, where `jnp.argmax` (one reduce of value-index
+    pairs) took 1.7 ms of a 16-row decode step's 2.3 ms of sampling here."""
     V = x_BV.shape[-1]
-    max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
+    max_B1 = jnp.max(x_BV, axis=-1, keepdims=True) if max_B1 is None else max_B1
     first_B = jnp.min(jnp.where(x_BV == max_B1, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
     return jnp.minimum(first_B, V - 1)  # a row with a NaN: V - 1 (jnp.argmax: the NaN's index)
 
@@ -296,11 +296,11 @@ def sample(logits_BV, s: SamplingArrays, counts_BV, seen_BV, positions_B, allowe
     def uniform(key, position):
         return jax.random.uniform(jax.random.fold_in(jax.random.wrap_key_data(key), position))
 
-    greedy_B = argmax(processed_BV)
+    max_B1 = jnp.max(processed_BV, axis=-1, keepdims=True)
+    greedy_B = argmax(processed_BV, max_B1)
     drawn_B = jax.lax.cond(  # no random draws at all when every row is greedy
         jnp.any(s.temperature > 0),
-        lambda: draw(jnp.exp(processed_BV - jnp.max(processed_BV, axis=-1, keepdims=True)),
-                     jax.vmap(uniform)(s.key, positions_B)),
+        lambda: draw(jnp.exp(processed_BV - max_B1), jax.vmap(uniform)(s.key, positions_B)),
         lambda: greedy_B,
     )
     return jnp.where(s.temperature > 0, drawn_B, greedy_B).astype(jnp.int32)
