@@ -22,14 +22,16 @@ class AttentionMeta:
     """Where each query token sits, where its keys and values go, and what it reads.
 
     `positions_BT`: each token's position in its sequence (RoPE, causality, cache write index).
-    `rows_B`: the cache row of each batch row; a row outside the cache is padding, never written.
-    `window` (static): 0 when the tokens attend only to each other (a fresh prompt, or no cache);
-    else they attend to their cache row's first `window` positions, their own keys written first.
+    `table_BJ`: the cache blocks of each batch row (kv_cache.py); a row whose entries are all
+    out of the pool is padding, never written.
+    `cached` (static): False when the tokens attend only to each other (a fresh prompt, or no
+    cache); True when they attend to every position of their row's blocks up to their own,
+    their own keys written first.
     """
 
     positions_BT: jax.Array
-    rows_B: jax.Array | None = None
-    window: int = dataclasses.field(default=0, metadata=dict(static=True))
+    table_BJ: jax.Array | None = None
+    cached: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
@@ -57,11 +59,11 @@ def attention(
     values written in (when there is one)."""
     positions_BT = meta.positions_BT
     if cache is not None:
-        cache = cache.write(layer, k_BTKH, v_BTKH, meta.rows_B, positions_BT)
-    if meta.window == 0:
+        cache = cache.write(layer, k_BTKH, v_BTKH, meta.table_BJ, positions_BT)
+    if not meta.cached:
         k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
         mask_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
     else:
-        k_BKSH, v_BKSH = cache.read(layer, meta.rows_B, meta.window)
-        mask_BTS = jnp.arange(meta.window)[None, None, :] <= positions_BT[:, :, None]
+        k_BKSH, v_BKSH = cache.read(layer, meta.table_BJ)
+        mask_BTS = jnp.arange(k_BKSH.shape[2])[None, None, :] <= positions_BT[:, :, None]
     return attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS), cache

@@ -1,8 +1,14 @@
-"""The key/value cache: keys and values `[L, B, K, S, H]` (layer, cache row, kv head, position,
-head dim), one array each so that the scan over layers carries them and writes in place.
-Attention reads a row's `[K, S, H]` without transposes; sharding splits rows over 'data' and kv
-heads over 'model'. Writes and reads go through the two methods here, the attention seam's cache
-side (a paged cache replaces them)."""
+"""The paged key/value cache: a pool of blocks, keys and values `[L, M, K, Z, H]` (layer, block,
+kv head, position within the block, head dim), one array each so that the scan over layers
+carries them and writes in place.
+
+A sequence's keys and values live in the blocks its block table lists: position p in block
+`table[p // Z]` at offset `p % Z`. The tables are the host's (blocks.py decides which blocks a
+sequence holds, and shares full blocks between sequences with the same prefix) and come with
+every call as `table_BJ`, J blocks per row; an entry of M (out of the pool) is no block: writes
+there are dropped. Reads gather a row's blocks straight into `[K, J*Z, H]`, the dense layout
+attention takes. Sharding splits kv heads over 'model'; blocks are not split (a block is read
+by whichever row holds it)."""
 
 from __future__ import annotations
 
@@ -13,49 +19,62 @@ import jax.numpy as jnp
 
 from codellama_jax.config import LlamaConfig
 
-AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
+AXES = ("layers", "blocks", "kv_heads", "block", "head_dim")
 
 
 class KVCache(NamedTuple):
-    k_LBKSH: jax.Array
-    v_LBKSH: jax.Array
+    k_LMKZH: jax.Array
+    v_LMKZH: jax.Array
 
     @staticmethod
-    def shape(config: LlamaConfig, batch: int, length: int) -> tuple[int, ...]:
-        return (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
+    def shape(config: LlamaConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (config.num_layers, num_blocks, config.num_kv_heads, block_size, config.head_dim)
 
     @classmethod
-    def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype) -> KVCache:
-        shape = cls.shape(config, batch, length)
+    def zeros(cls, config: LlamaConfig, num_blocks: int, block_size: int, dtype) -> KVCache:
+        shape = cls.shape(config, num_blocks, block_size)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @property
-    def length(self) -> int:
-        return self.k_LBKSH.shape[3]
+    def num_blocks(self) -> int:
+        return self.k_LMKZH.shape[1]
 
-    def write(self, layer, k_BTKH: jax.Array, v_BTKH: jax.Array, rows_B: jax.Array, positions_BT: jax.Array) -> KVCache:
-        """The cache with batch row b's keys and values at cache row `rows_B[b]`, positions
-        `positions_BT[b]`; writes to a row or position outside the cache are dropped (padding)."""
+    @property
+    def block_size(self) -> int:
+        return self.k_LMKZH.shape[3]
+
+    def write(self, layer, k_BTKH: jax.Array, v_BTKH: jax.Array, table_BJ: jax.Array, positions_BT: jax.Array) -> KVCache:
+        """The cache with batch row b's keys and values at positions `positions_BT[b]` of the
+        blocks `table_BJ[b]` lists; a position past the table, or in an entry that is no block,
+        is dropped (padding)."""
+        Z = self.block_size
+        block_BT = jnp.take_along_axis(table_BJ, positions_BT // Z, axis=1, mode="fill", fill_value=self.num_blocks)
 
         def put(cache, new_BTKH):
-            return cache.at[layer, rows_B[:, None], :, positions_BT].set(new_BTKH.astype(cache.dtype), mode="drop")
+            return cache.at[layer, block_BT, :, positions_BT % Z].set(new_BTKH.astype(cache.dtype), mode="drop")
 
-        return KVCache(put(self.k_LBKSH, k_BTKH), put(self.v_LBKSH, v_BTKH))
+        return KVCache(put(self.k_LMKZH, k_BTKH), put(self.v_LMKZH, v_BTKH))
 
-    def read(self, layer, rows_B: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
-        """Keys and values `[B, K, window, H]` of cache rows `rows_B`; a row outside (padding)
-        reads the last row (clamped: a gather that fills would mask every element it reads)."""
+    def read(self, layer, table_BJ: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values `[B, K, J*Z, H]` of the blocks each row's table lists, in order, by one
+        gather per array that lays them out that way (no transpose after it); an entry that is
+        no block reads the last block (clamped: its positions are masked by the caller)."""
+        B, J = table_BJ.shape
+        _, M, K, Z, H = self.k_LMKZH.shape
+        index_BJ2 = jnp.stack([jnp.broadcast_to(jnp.asarray(layer, table_BJ.dtype), (B, J)), table_BJ], axis=-1)
+        numbers = jax.lax.GatherDimensionNumbers(offset_dims=(1, 3, 4), collapsed_slice_dims=(0, 1), start_index_map=(0, 1))
 
         def get(cache):
-            return cache.at[layer, rows_B, :, :window].get(mode="clip")
+            blocks_BKJZH = jax.lax.gather(cache, index_BJ2, numbers, (1, 1, K, Z, H), mode="clip")
+            return blocks_BKJZH.reshape(B, K, J * Z, H)
 
-        return get(self.k_LBKSH), get(self.v_LBKSH)
+        return get(self.k_LMKZH), get(self.v_LMKZH)
 
-    def copy_rows(self, src_R: jax.Array, dst_R: jax.Array, length: int) -> KVCache:
-        """Positions below `length` of rows `src_R` copied to rows `dst_R` (n samples of one prompt)."""
+    def copy_blocks(self, src_C: jax.Array, dst_C: jax.Array) -> KVCache:
+        """Blocks `src_C` copied to blocks `dst_C` in every layer (the partly filled last block of
+        a prompt, for each of its other samples); a destination that is no block is skipped."""
 
         def copy(cache):
-            return cache.at[:, dst_R, :, :length].set(cache.at[:, src_R, :, :length].get(mode="fill", fill_value=0),
-                                                      mode="drop")  # fmt: skip
+            return cache.at[:, dst_C].set(cache.at[:, src_C].get(mode="clip"), mode="drop")
 
-        return KVCache(copy(self.k_LBKSH), copy(self.v_LBKSH))
+        return KVCache(copy(self.k_LMKZH), copy(self.v_LMKZH))

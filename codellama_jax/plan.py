@@ -89,6 +89,7 @@ def plan(
     mesh_shape: tuple[int, int] | None = None,
     usable: float = 0.9,
     compute_dtype: str | None = None,
+    block_size: int = 16,
 ) -> Plan:
     """The memory plan of `config` on `devices` devices of `device_memory` bytes each.
 
@@ -110,7 +111,7 @@ def plan(
     weights = _weight_bytes(config, mesh, compute, quant)
 
     def need(batch: int) -> tuple[int, int]:
-        cache, state = runner.state_bytes(config, mesh, batch, max_len, compute)
+        cache, state = runner.state_bytes(config, mesh, batch, batch * -(-max_len // block_size), block_size, compute)
         return cache, state + _prefill_bytes(config, mesh, max_len, compute)
 
     budget = usable * device_memory
@@ -122,7 +123,7 @@ def plan(
         if sum(need(largest + step)) + weights <= budget:
             largest += step
     cache, work = need(max_batch)
-    state = runner.state_bytes(config, mesh, max_batch, max_len, compute)[1]
+    state = work - _prefill_bytes(config, mesh, max_len, compute)
     return Plan(
         config, mesh_shape, device_memory, dtype, np.dtype(compute).name, max_batch, max_len, usable,
         weights, cache, state, work, largest,
@@ -158,6 +159,25 @@ def parse_bytes(text: str) -> int:
     if not m or unit not in _UNITS:
         raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 16GiB, 80GB or 141GiB")
     return int(float(m.group(1)) * _UNITS[unit])
+
+
+def kv_blocks(model, memory: str, block_size: int) -> int:
+    """Cache blocks of `block_size` positions in `memory`: bytes ('24GiB') on each device, or a
+    fraction ('0.5') of the memory the least free device has left (once the weights are loaded)."""
+    per_block = runner.block_bytes(model.config, model.mesh, block_size, model.module.dtype)
+    try:
+        fraction = float(memory)
+    except ValueError:
+        return parse_bytes(memory) // per_block
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--kv-cache-memory {memory!r}: a fraction of free device memory is in (0, 1]; "
+                         "or give bytes, e.g. 24GiB")  # fmt: skip
+    stats = [device.memory_stats() for device in model.mesh.devices.flat]
+    if any(s is None or "bytes_limit" not in s for s in stats):
+        raise ValueError(f"--kv-cache-memory {memory!r}: this backend ({jax.default_backend()}) does not report "
+                         "device memory, so a fraction of it cannot be taken; give bytes, e.g. 4GiB")  # fmt: skip
+    free = min(s["bytes_limit"] - s["bytes_in_use"] for s in stats)
+    return int(fraction * free) // per_block
 
 
 def _gib(n: float) -> str:

@@ -1,8 +1,10 @@
 """The device side of generation: jitted prefill and decode over an explicit per-row state whose
 layout on the mesh is pinned from the rule table, for the state's whole life.
 
-A runner holds `max_batch` rows of up to `max_len` tokens. `prefill` runs some prompts, writes
-their keys and values and sampling settings into chosen rows, and samples each row's first token
+A runner holds `max_batch` rows and a KV cache of `num_blocks` blocks of `block_size` positions
+(kv_cache.py); which blocks a row's positions live in is the host's choice, passed with every
+call as block tables. `prefill` runs some prompts, writes their keys and values into their
+blocks and their sampling settings into chosen rows, and samples each row's first token
 (so it reaches its client without waiting for a decode step); `launch` dispatches a decode call
 that advances chosen rows up to `steps` tokens each, feeding the token sampled last and sampling
 the next, and `collect` returns only those tokens (and their logprobs), never the history. A
@@ -36,9 +38,9 @@ log = logging.getLogger(__name__)
 
 
 class RunnerState(NamedTuple):
-    """Per row: its KV cache, the token it sampled last and has not fed yet, that token's
-    position, how many tokens it may still produce (0: done), what it has produced (penalties),
-    and its sampling settings."""
+    """The KV cache's blocks, and per row: the token it sampled last and has not fed yet, that
+    token's position, how many tokens it may still produce (0: done), what it has produced
+    (penalties), and its sampling settings."""
 
     cache: KVCache
     next_B: jax.Array
@@ -61,15 +63,20 @@ def _state_axes(state: RunnerState) -> RunnerState:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Fill:
-    """One prompt to prefill into its rows (n > 1 samples: several), each row with its sampling
-    settings (a seed always set, so every process draws alike) and sample index, and the
-    grammar bitmask of the first token (all ones: free)."""
+    """One prompt to prefill into its rows (n > 1 samples: several), each row with its block
+    table (the samples share the prompt's full blocks; the prompt is written into the first
+    row's blocks and a block the others hold alone is copied from it), sampling settings (a seed
+    always set, so every process draws alike) and sample index, and the grammar bitmask of the
+    first token (all ones: free). The prompt's last `generated` tokens are the rows' own output
+    (a sequence preempted and admitted again): penalties count them."""
 
     prompt: tuple[int, ...]
     rows: tuple[int, ...]
+    tables: tuple[tuple[int, ...], ...]
     settings: tuple[tuple[SamplingParams, int], ...]
     max_new: int
     allowed_W: np.ndarray
+    generated: int = 0
 
 
 # The scheduler's decisions are plain values: every process of a multi-host server plans alike
@@ -87,17 +94,18 @@ class Prefill:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Decode:
-    """One decode call of `rows` padded to `b`, attending to `window` positions, up to
-    `max_steps` of `steps` steps, `top_k` alternatives per token (0: no logprobs at all), under
-    a grammar bitmask per row (all ones for free rows)."""
+    """One decode call of `rows` padded to `b`, up to `max_steps` of `steps` steps, `top_k`
+    alternatives per token (0: no logprobs at all), under a grammar bitmask per row (all ones
+    for free rows), each row attending to the blocks its table lists (`[b, J]`, J blocks
+    enough for every row's positions after the call; padding: `num_blocks`, no block)."""
 
     rows: tuple[int, ...]
     b: int
     steps: int
     max_steps: int
-    window: int
     top_k: int
     allowed_bW: np.ndarray
+    tables_bJ: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +128,13 @@ class Launched(NamedTuple):
     out: tuple[jax.Array, ...]
 
 
-def state_shardings(config, mesh, max_batch: int, max_len: int, dtype) -> RunnerState:
+def state_shardings(config, mesh, max_batch: int, num_blocks: int, block_size: int, dtype) -> RunnerState:
     """Where every array of a runner's state lives (`sharding.RULES` applied to `_state_axes`)."""
-    return _shardings(mesh, _abstract(config, max_batch, max_len, dtype))
+    return _shardings(mesh, _abstract(config, max_batch, num_blocks, block_size, dtype))
 
 
-def _abstract(config, max_batch: int, max_len: int, dtype) -> RunnerState:
-    return jax.eval_shape(functools.partial(_empty, config, max_batch, max_len, dtype))
+def _abstract(config, max_batch: int, num_blocks: int, block_size: int, dtype) -> RunnerState:
+    return jax.eval_shape(functools.partial(_empty, config, max_batch, num_blocks, block_size, dtype))
 
 
 def _shardings(mesh, abstract: RunnerState) -> RunnerState:
@@ -136,10 +144,15 @@ def _shardings(mesh, abstract: RunnerState) -> RunnerState:
     )
 
 
-def state_bytes(config, mesh, max_batch: int, max_len: int, dtype) -> tuple[int, int]:
+def block_bytes(config, mesh, block_size: int, dtype) -> int:
+    """Bytes of one KV cache block (keys and values, every layer) on its fullest device."""
+    return state_bytes(config, mesh, 1, 1, block_size, dtype)[0]
+
+
+def state_bytes(config, mesh, max_batch: int, num_blocks: int, block_size: int, dtype) -> tuple[int, int]:
     """Bytes of a runner's state on its fullest device: (KV cache, everything else), exactly,
     without allocating (the memory planner's figures)."""
-    abstract = _abstract(config, max_batch, max_len, dtype)
+    abstract = _abstract(config, max_batch, num_blocks, block_size, dtype)
     shardings = _shardings(mesh, abstract)
 
     def on_device(tree, tree_shardings) -> int:
@@ -153,13 +166,14 @@ def state_bytes(config, mesh, max_batch: int, max_len: int, dtype) -> tuple[int,
 
 
 class Runner:
-    """Jitted prefill and decode over `max_batch` rows of `max_len` positions on `model.mesh`."""
+    """Jitted prefill and decode over `max_batch` rows and a KV cache of `num_blocks` blocks of
+    `block_size` positions on `model.mesh`."""
 
-    def __init__(self, model: Model, max_batch: int, max_len: int):
-        self.model, self.max_batch, self.max_len = model, max_batch, max_len
+    def __init__(self, model: Model, max_batch: int, num_blocks: int, block_size: int):
+        self.model, self.max_batch, self.num_blocks, self.block_size = model, max_batch, num_blocks, block_size
         mesh, config, dtype = model.mesh, model.config, model.module.dtype
-        self.shardings = state_shardings(config, mesh, max_batch, max_len, dtype)
-        jitted = _jitted(model.graphdef, config, max_batch, max_len, dtype, self.shardings)
+        self.shardings = state_shardings(config, mesh, max_batch, num_blocks, block_size, dtype)
+        jitted = _jitted(model.graphdef, config, max_batch, num_blocks, block_size, dtype, self.shardings)
         self._empty, self._prefill, self._first, self._decode = jitted
         self.stop_ids = self._put(np.array(model.stop_token_ids or (-1,), np.int32))
         self.state = self._empty()
@@ -215,30 +229,44 @@ class Runner:
 
     def _prefill_args(self, fills: Sequence[Fill], P: int, T: int) -> tuple[tuple, tuple]:
         """The arguments of the prefill call and of the first-token call after it."""
-        B, V = self.max_batch, self.model.config.vocab_size
+        B, M, V = self.max_batch, self.num_blocks, self.model.config.vocab_size
         A = P * max((len(f.rows) for f in fills), default=1)
-        tokens_PT, lengths_P = np.zeros((P, T), np.int32), np.ones(P, np.int32)
-        first_P = np.full(P, B, np.int32)  # out of range: a padding prompt, written nowhere
+        tokens_PT, lengths_P, generated_P = np.zeros((P, T), np.int32), np.ones(P, np.int32), np.zeros(P, np.int32)
+        table_PJ = np.full((P, -(-T // self.block_size)), M, np.int32)  # M: no block (a padding prompt)
         rows_A, prompt_A, max_new_A = np.full(A, B, np.int32), np.zeros(A, np.int32), np.zeros(A, np.int32)
+        src_A, dst_A = np.zeros(A, np.int32), np.full(A, M, np.int32)  # a block some sample holds alone
         allowed_AW = structured.fill_bitmask([None] * A, V)
         settings = [(SamplingParams(temperature=0.0, seed=0), 0)] * A
         a = 0
         for p, fill in enumerate(fills):
-            tokens_PT[p, : len(fill.prompt)], lengths_P[p], first_P[p] = fill.prompt, len(fill.prompt), fill.rows[0]
-            for row, setting in zip(fill.rows, fill.settings):
+            tokens_PT[p, : len(fill.prompt)], lengths_P[p], generated_P[p] = fill.prompt, len(fill.prompt), fill.generated
+            table = fill.tables[0]
+            table_PJ[p, : len(table)] = table
+            for row, own, setting in zip(fill.rows, fill.tables, fill.settings):
                 rows_A[a], prompt_A[a], max_new_A[a], settings[a], allowed_AW[a] = row, p, fill.max_new, setting, fill.allowed_W
+                copied = [j for j, block in enumerate(own) if block != table[j]]
+                if copied:
+                    if len(copied) > 1:
+                        raise ValueError(f"a sample of a prompt holds {len(copied)} blocks of its own; one at most")
+                    src_A[a], dst_A[a] = table[copied[0]], own[copied[0]]
                 a += 1
-        args = self._put((tokens_PT, lengths_P, first_P, rows_A, prompt_A, max_new_A, SamplingArrays.build(settings, V), allowed_AW))
+        args = self._put((tokens_PT, lengths_P, generated_P, table_PJ, rows_A, prompt_A, max_new_A,
+                          SamplingArrays.build(settings, V), src_A, dst_A, allowed_AW))  # fmt: skip
         forks = any(len(f.rows) > 1 for f in fills)
-        return (forks, self.state, self.model.params, *args[:-1]), (args[3], args[-1])
+        return (forks, self.state, self.model.params, *args[:-1]), (args[4], args[-1])
 
     def compile_decode(self, b: int, window: int, steps: int, top_k: int = 0):
-        """Compiles the decode call of this shape without running it (warm-up); returns the
-        compiled program (for its memory analysis)."""
+        """Compiles the decode call of `b` rows attending to `window` positions without running it
+        (warm-up); returns the compiled program (for its memory analysis)."""
         m = self.model
         free_bW = structured.fill_bitmask([None] * b, m.config.vocab_size)
-        args = self._put((np.full(b, self.max_batch, np.int32), free_bW, np.int32(steps)))
-        return self._decode.lower(steps, window, top_k, m.params, self.state, self.stop_ids, *args).compile()
+        tables_bJ = np.full((b, self.blocks_for(window)), self.num_blocks, np.int32)
+        args = self._put((np.full(b, self.max_batch, np.int32), free_bW, tables_bJ, np.int32(steps)))
+        return self._decode.lower(steps, top_k, m.params, self.state, self.stop_ids, *args).compile()
+
+    def blocks_for(self, positions: int) -> int:
+        """Blocks that hold `positions` positions."""
+        return -(-positions // self.block_size)
 
     def launch(self, plan: Decode) -> Launched:
         """Dispatches a decode call of up to `plan.max_steps` tokens for each of the plan's rows,
@@ -246,8 +274,8 @@ class Runner:
         host goes on (`collect` waits for its tokens)."""
         rows_b = np.full(plan.b, self.max_batch, np.int32)
         rows_b[: len(plan.rows)] = plan.rows
-        inputs = self._put((rows_b, plan.allowed_bW, np.int32(plan.max_steps)))
-        self.state, out = self._decode(plan.steps, plan.window, plan.top_k, self.model.params, self.state, self.stop_ids, *inputs)
+        inputs = self._put((rows_b, plan.allowed_bW, plan.tables_bJ, np.int32(plan.max_steps)))
+        self.state, out = self._decode(plan.steps, plan.top_k, self.model.params, self.state, self.stop_ids, *inputs)
         return Launched(tuple(plan.rows), out)
 
     @staticmethod
@@ -258,7 +286,7 @@ class Runner:
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted(graphdef, config, max_batch: int, max_len: int, dtype, shardings: RunnerState):
+def _jitted(graphdef, config, max_batch: int, num_blocks: int, block_size: int, dtype, shardings: RunnerState):
     """The runner's jitted functions for one model structure and one state shape and layout,
     shared by every runner of them (so a `generate()` call compiles nothing an earlier one did).
     The model's structure is bound here, not passed as a static argument: jit would hash it on
@@ -267,20 +295,20 @@ def _jitted(graphdef, config, max_batch: int, max_len: int, dtype, shardings: Ru
     compiled again for every prompt shape (~0.7 s each here). It always returns the token's
     top alternatives (once per request, cheap)."""
     replicated = sharding.replicated(shardings.next_B.mesh)  # every host reads what a call produced
-    empty = jax.jit(functools.partial(_empty, config, max_batch, max_len, dtype), out_shardings=shardings)
+    empty = jax.jit(functools.partial(_empty, config, max_batch, num_blocks, block_size, dtype), out_shardings=shardings)
     prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnums=(0,), donate_argnums=(1,),
                       out_shardings=(shardings, replicated))  # fmt: skip
     first = jax.jit(functools.partial(_first, min(MAX_TOP_LOGPROBS, config.vocab_size)), donate_argnums=(0,),
                     out_shardings=(shardings, replicated))  # fmt: skip
-    decode = jax.jit(functools.partial(_decode, graphdef), static_argnums=(0, 1, 2), donate_argnums=(4,),
+    decode = jax.jit(functools.partial(_decode, graphdef), static_argnums=(0, 1), donate_argnums=(3,),
                      out_shardings=(shardings, replicated))  # fmt: skip
     return empty, prefill, first, decode
 
 
-def _empty(config, B: int, S: int, dtype) -> RunnerState:
+def _empty(config, B: int, M: int, Z: int, dtype) -> RunnerState:
     V = config.vocab_size
     return RunnerState(
-        cache=KVCache.zeros(config, B, S, dtype),
+        cache=KVCache.zeros(config, M, Z, dtype),
         next_B=jnp.zeros(B, jnp.int32),
         positions_B=jnp.zeros(B, jnp.int32),
         remaining_B=jnp.zeros(B, jnp.int32),
@@ -327,20 +355,24 @@ def _pick(logits_bV, sampling, counts_bV, seen_bV, positions_b, allowed_bW, rema
     )
 
 
-def _prefill(graphdef, forks, state: RunnerState, params, tokens_PT, lengths_P, first_P, rows_A, prompt_A, max_new_A, sampling_A):
-    """Runs the prompts, writing their keys and values into the first row of each; with `forks`,
-    copies them to the prompt's other rows; sets every filled row's position, budget, seen
-    tokens and sampling settings. Returns the state and each filled row's next-token logits."""
+def _prefill(graphdef, forks, state: RunnerState, params, tokens_PT, lengths_P, generated_P, table_PJ, rows_A, prompt_A,
+             max_new_A, sampling_A, src_A, dst_A):  # fmt: skip
+    """Runs the prompts, writing their keys and values into the blocks of `table_PJ`; with
+    `forks`, copies block `src_A` to `dst_A` for a sample that holds one alone; sets every filled
+    row's position, budget, seen and produced tokens and sampling settings. Returns the state and
+    each filled row's next-token logits."""
     model = nnx.merge(graphdef, params)
     P, T = tokens_PT.shape
     positions_PT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
-    x_PTD, cache = model.hidden(tokens_PT, AttentionMeta(positions_PT, first_P), state.cache)
+    x_PTD, cache = model.hidden(tokens_PT, AttentionMeta(positions_PT, table_PJ), state.cache)
     if forks:
-        cache = cache.copy_rows(first_P[prompt_A], rows_A, T)
+        cache = cache.copy_blocks(src_A, dst_A)
     logits_PV = model.head(x_PTD[jnp.arange(P), lengths_P - 1][:, None])[:, 0]
     V = logits_PV.shape[-1]
-    in_prompt_PT = jnp.arange(T)[None, :] < lengths_P[:, None]
+    in_prompt_PT = positions_PT < lengths_P[:, None]
+    produced_PT = in_prompt_PT & (positions_PT >= (lengths_P - generated_P)[:, None])
     seen_PV = jnp.zeros((P, V), bool).at[jnp.arange(P)[:, None], tokens_PT].max(in_prompt_PT)
+    counts_PV = jnp.zeros((P, V), jnp.int32).at[jnp.arange(P)[:, None], tokens_PT].add(produced_PT.astype(jnp.int32))
 
     put = functools.partial(_scatter, rows_b=rows_A)
 
@@ -349,7 +381,7 @@ def _prefill(graphdef, forks, state: RunnerState, params, tokens_PT, lengths_P, 
         next_B=state.next_B,
         positions_B=put(state.positions_B, lengths_P[prompt_A]),
         remaining_B=put(state.remaining_B, max_new_A),
-        counts_BV=put(state.counts_BV, jnp.zeros_like(seen_PV[prompt_A], jnp.int32)),
+        counts_BV=put(state.counts_BV, counts_PV[prompt_A]),
         seen_BV=put(state.seen_BV, seen_PV[prompt_A]),
         sampling=jax.tree.map(put, state.sampling, sampling_A),
     )
@@ -397,11 +429,11 @@ def _scatter(x: jax.Array, values_b: jax.Array, rows_b: jax.Array) -> jax.Array:
     return x.at[rows_b].set(values_b.astype(x.dtype), mode="drop")
 
 
-def _decode(graphdef, steps, window, top_k, params, state: RunnerState, stop_ids, rows_b, allowed_bW, max_steps):
-    """Up to `max_steps` steps for rows `rows_b`: feed each running row's pending token, then
-    sample its next (among those `allowed_bW` allows) and record it."""
+def _decode(graphdef, steps, top_k, params, state: RunnerState, stop_ids, rows_b, allowed_bW, tables_bJ, max_steps):
+    """Up to `max_steps` steps for rows `rows_b`: feed each running row's pending token into its
+    blocks (`tables_bJ`), then sample its next (among those `allowed_bW` allows) and record it."""
     model = nnx.merge(graphdef, params)
-    b, B = rows_b.shape[0], state.remaining_B.shape[0]
+    b, M = rows_b.shape[0], state.cache.num_blocks
     sampling = rows_sampling(state.sampling, rows_b)
     out = (
         jnp.full((b, steps), -1, jnp.int32),
@@ -418,7 +450,7 @@ def _decode(graphdef, steps, window, top_k, params, state: RunnerState, stop_ids
     def step(carry):
         cache, (next_b, positions_b, remaining_b, counts_bV, seen_bV), out, j = carry
         live_b = remaining_b > 0
-        meta = AttentionMeta(positions_b[:, None], jnp.where(live_b, rows_b, B), window)
+        meta = AttentionMeta(positions_b[:, None], jnp.where(live_b[:, None], tables_bJ, M), cached=True)
         x_b1D, cache = model.hidden(next_b[:, None], meta, cache)
         positions_b = positions_b + live_b
         picked = _pick(model.head(x_b1D)[:, 0], sampling, counts_bV, seen_bV, positions_b, allowed_bW, remaining_b,

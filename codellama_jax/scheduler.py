@@ -1,10 +1,13 @@
 """The host side of generation: requests in, plans for the runner, chunks out.
 
 A `Sequence` is one sample of one request: its prompt, settings, text stream (detokenizing, stop
-strings, the end of a tools answer), grammar, and where its chunks go. The `Scheduler` keeps the
-waiting requests and which row each running sequence holds; each `step()` admits waiting
-requests into free rows (prompts of one length bucket prefilled together; the prefill samples
-each row's first token, delivered at once), then plans one decode call over the live rows only
+strings, the end of a tools answer), grammar, the KV cache blocks it holds, and where its chunks
+go. The `Scheduler` keeps the waiting requests and which row each running sequence holds; each
+`step()` admits waiting requests while rows and cache blocks are free (prompts of one length
+bucket prefilled together; the prefill samples each row's first token, delivered at once), gives
+every live row the blocks its next call writes (when they run out, the sequence admitted last
+is preempted: its blocks are freed and it waits at the head of the queue to be prefilled again
+with what it has produced, unseen by its client), then plans one decode call over the live rows only
 (their count padded to a bucket, so one request on a 16-row server runs at batch-1 cost), and
 turns each row's new tokens into a `Chunk` for its sequence; a lone row's next call is launched
 before the last one is collected, so the host's work overlaps the device's. `generate()` and the
@@ -22,6 +25,7 @@ from typing import Callable, Sequence as Seq
 import numpy as np
 
 from codellama_jax import buckets, structured, tools
+from codellama_jax.blocks import BlockPool
 from codellama_jax.errors import ContextLengthExceeded, RequestError
 from codellama_jax.loader import Model
 from codellama_jax.runner import Decode, Fill, Launched, Output, Prefill, Runner
@@ -62,7 +66,13 @@ class Sequence:
         self.prompt_ids, self.params, self.index, self.max_new = prompt_ids, params, index, max_new
         self.stream, self.constraint, self.deliver = stream, constraint, deliver
         self.cancelled = False
-        self.completion_tokens = 0
+        self.output_ids: list[int] = []  # what it has produced (a stop token not included)
+        self.blocks: list[int] = []  # its block table: the KV cache blocks of its positions, in order
+        self.admitted = 0  # when it was last admitted (preemption takes the latest first)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.output_ids)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -87,7 +97,7 @@ class Sequence:
             new_ids.append(token)
             if logprobs is not None:
                 kept_logprobs.append(logprobs[j])
-        self.completion_tokens += len(new_ids)
+        self.output_ids += new_ids
         if stream is not None and stream.stopped:
             reason = "stop"
         elif reason is None and self.completion_tokens >= self.max_new:
@@ -121,17 +131,29 @@ def max_new_tokens(model: Model, prompt_len: int, max_tokens: int | None) -> int
 
 
 class Scheduler:
-    """Requests over `max_batch` rows of up to `max_len` tokens (the model's context at most;
-    exactly the sizes the memory planner counts), `steps_per_call` decode steps per step."""
+    """Requests over `max_batch` rows of up to `max_len` tokens each (the model's context at
+    most), whose keys and values share a cache of `num_blocks` blocks of `block_size` positions
+    (by default enough for every row at `max_len`: exactly the sizes the memory planner counts;
+    at least one sequence of `max_len`), `steps_per_call` decode steps per step."""
 
-    def __init__(self, model: Model, *, max_batch: int = 8, max_len: int | None = None, steps_per_call: int = 4):
-        if max_batch < 1 or (max_len is not None and max_len < 2):
-            raise ValueError(f"max_batch must be at least 1 and max_len at least 2, got {max_batch} and {max_len}")
+    def __init__(self, model: Model, *, max_batch: int = 8, max_len: int | None = None, steps_per_call: int = 4,
+                 num_blocks: int | None = None, block_size: int = 16):  # fmt: skip
+        if max_batch < 1 or (max_len is not None and max_len < 2) or block_size < 1:
+            raise ValueError(f"max_batch and block_size must be at least 1 and max_len at least 2, "
+                             f"got {max_batch}, {block_size} and {max_len}")  # fmt: skip
         self.model = model
         self.max_batch = max_batch
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.steps_per_call = steps_per_call
-        self.runner = Runner(model, self.max_batch, self.max_len)
+        per_sequence = -(-self.max_len // block_size)
+        num_blocks = max_batch * per_sequence if num_blocks is None else num_blocks
+        if num_blocks < per_sequence:
+            raise ValueError(f"{num_blocks} cache blocks of {block_size} positions cannot hold one sequence of "
+                             f"max_len {self.max_len} tokens ({per_sequence} blocks)")  # fmt: skip
+        self.pool = BlockPool(num_blocks, block_size)
+        self.runner = Runner(model, self.max_batch, num_blocks, block_size)
+        self.preemptions = 0
+        self._admissions = 0
         self.waiting: collections.deque[list[Sequence]] = collections.deque()
         self.rows: list[Sequence | None] = [None] * self.max_batch
         self._stop_ids = set(model.stop_token_ids)
@@ -162,6 +184,10 @@ class Scheduler:
                 )
         if params.n > self.max_batch:
             raise RequestError(f"n={params.n} exceeds the server's {self.max_batch} decode slots", param="n")
+        shared, partial = divmod(len(prompt_ids), self.pool.block_size)
+        if shared + params.n * (partial > 0) > self.pool.num_blocks:
+            raise RequestError(f"n={params.n} samples of a {len(prompt_ids)}-token prompt need more than the "
+                               f"server's {self.pool.num_blocks} KV cache blocks", param="n")  # fmt: skip
         vocab = self.model.config.vocab_size
         for token in params.logit_bias or {}:
             if not 0 <= token < vocab:
@@ -185,12 +211,20 @@ class Scheduler:
     def busy_rows(self) -> int:
         return sum(s is not None for s in self.rows)
 
+    def stats(self) -> dict[str, int]:
+        """KV cache blocks (all, held, free), sequences running and waiting, preemptions so far."""
+        pool = self.pool
+        return {"kv_cache_blocks": pool.num_blocks, "kv_cache_blocks_used": pool.num_blocks - pool.num_free,
+                "kv_cache_blocks_free": pool.num_free, "sequences_running": self.busy_rows,
+                "sequences_waiting": sum(len(group) for group in list(self.waiting)), "preemptions": self.preemptions}  # fmt: skip
+
     def has_work(self) -> bool:
         return bool(self.waiting) or self.busy_rows > 0 or self._in_flight is not None
 
     def step(self) -> None:
         """Admits what fits (their first tokens come from the prefill and are delivered at once),
-        then launches one decode call over every live row and delivers the chunks of the call
+        then launches one decode call over every live row (preempting when the cache is full)
+        and delivers the chunks of the call
         before it while the device runs this one (see `_may_run_ahead`); else each call is
         collected before the next is planned."""
         if not self._may_run_ahead():
@@ -235,7 +269,7 @@ class Scheduler:
         outgoing = [(row, self.rows[row], chunk) for row, chunk in chunks if chunk is not None]
         for row, _, chunk in outgoing:
             if not isinstance(chunk, Chunk) or chunk.finish_reason is not None:
-                self.rows[row] = None
+                self._free(row)
         for _, seq, chunk in outgoing:
             seq.deliver(chunk)
 
@@ -269,49 +303,98 @@ class Scheduler:
 
     def decode_plan(self) -> Decode | None:
         """One decode call over every live row; None when no row is live."""
-        grammar_failed = True
-        while grammar_failed:  # a row whose grammar cannot go on fails; the others are planned
+        while True:  # a row whose grammar cannot go on fails, a preempted one waits: plan the others again
             live = [(row, seq) for row, seq in enumerate(self.rows) if seq is not None]
             if not live:
                 return None
             try:
                 allowed = structured.fill_bitmask([seq.constraint for _, seq in live], self.model.config.vocab_size)
-                grammar_failed = False
             except structured.ConstraintError as e:
                 for i, error in e.errors.items():
                     row, seq = live[i]
-                    self.rows[row] = None
+                    self._free(row)
                     seq.deliver(error)
+                continue
+            if self._grow(live):
+                break
         b = buckets.rows_bucket(len(live), self.max_batch)
         allowed_bW = np.tile(self._free_mask, (b, 1))
         allowed_bW[: len(live)] = allowed
-        steps = self.steps_per_call
-        ahead = steps if self._in_flight is not None else 0  # tokens the call in flight may add
-        furthest = max(len(seq.prompt_ids) + seq.completion_tokens for _, seq in live) + ahead
+        window = buckets.window_bucket(max(self._positions_after_call(seq) for _, seq in live), self.max_len)
+        tables_bJ = np.full((b, self.runner.blocks_for(window)), self.pool.num_blocks, np.int32)
+        for i, (_, seq) in enumerate(live):
+            tables_bJ[i, : len(seq.blocks)] = seq.blocks
         return Decode(
             rows=tuple(row for row, _ in live),
             b=b,
-            steps=steps,
-            max_steps=1 if any(seq.constraint is not None for _, seq in live) else steps,  # a grammar's mask holds for one token
-            window=buckets.window_bucket(furthest + steps, self.max_len),
+            steps=self.steps_per_call,
+            max_steps=1 if any(seq.constraint is not None for _, seq in live) else self.steps_per_call,  # a grammar's mask holds for one token
             top_k=self._top_k if any(seq.params.logprobs for _, seq in live) else 0,  # 0: no logprobs at all
             allowed_bW=allowed_bW,
+            tables_bJ=tables_bJ,
         )
 
+    def _positions_after_call(self, seq: Sequence) -> int:
+        """Positions a live sequence may have written after the next decode call (its pending
+        token's position is one less than its prompt and output; a call in flight may add
+        `steps_per_call` more)."""
+        ahead = self.steps_per_call if self._in_flight is not None else 0
+        return min(len(seq.prompt_ids) + seq.completion_tokens + ahead + self.steps_per_call, self.max_len)
+
+    def _wanted(self, seq: Sequence) -> int:
+        """Blocks a live sequence needs beyond those it holds for the next decode call."""
+        return max(0, self.pool.blocks_for(self._positions_after_call(seq)) - len(seq.blocks))
+
+    def _grow(self, live: list[tuple[int, Sequence]]) -> bool:
+        """Gives every live row the blocks the next call writes, the earliest admitted first.
+        When they run out, collects the call in flight (what it ends frees blocks, and a
+        preempted sequence must have all it produced), or else preempts the sequence admitted
+        last. False when the rows changed (plan again)."""
+        for _, seq in sorted(live, key=lambda item: item[1].admitted):
+            wanted = self._wanted(seq)
+            if wanted > self.pool.num_free:
+                if self._in_flight is not None:
+                    self._collect()
+                else:
+                    self._preempt(*max(live, key=lambda item: item[1].admitted))
+                return False
+            seq.blocks += self.pool.allocate(wanted)
+        return True
+
+    def _preempt(self, row: int, seq: Sequence) -> None:
+        """Frees a running sequence's row and blocks; it waits first in line to be prefilled again
+        with its prompt and what it has produced so far."""
+        log.info("preempting a sequence of %d tokens: the KV cache is full", len(seq.prompt_ids) + seq.completion_tokens)
+        self._free(row)
+        self.waiting.appendleft([seq])
+        self.preemptions += 1
+
+    def _free(self, row: int) -> None:
+        """Row `row` and the blocks its sequence held are free."""
+        seq, self.rows[row] = self.rows[row], None
+        self.pool.release(seq.blocks)
+        seq.blocks = []
+
     def _admit(self) -> list[Fill]:
-        """Waiting requests into free rows, in order, while their samples fit. A request whose
-        grammar allows no first token ends here."""
+        """Waiting requests into free rows, in order, while their samples fit: a row each, and
+        blocks for the prompt (its full blocks shared by the samples) with the next decode
+        call's blocks of every running row still free. A request whose grammar allows no first
+        token ends here."""
         fills = []
+        reserved = sum(self._wanted(seq) for seq in self.rows if seq is not None)
         while self.waiting:
             sequences = self.waiting[0]
             if all(s.cancelled for s in sequences):  # its client left while it waited
                 self.waiting.popleft()
                 continue
+            first = sequences[0]
+            context = first.prompt_ids + first.output_ids  # a preempted sequence: what it had produced too
+            shared, partial = divmod(len(context), self.pool.block_size)
+            wanted = shared + (1 if partial else 0) * len(sequences)
             free = [row for row, s in enumerate(self.rows) if s is None]
-            if len(free) < len(sequences):
+            if len(free) < len(sequences) or wanted + reserved > self.pool.num_free:
                 break
             self.waiting.popleft()
-            first = sequences[0]
             try:  # every sample's grammar starts alike
                 allowed_W = structured.fill_bitmask([first.constraint], self.model.config.vocab_size)[0]
             except structured.ConstraintError as e:
@@ -319,10 +402,19 @@ class Scheduler:
                     seq.deliver(e.errors[0])
                 continue
             rows = free[: len(sequences)]
+            full = self.pool.allocate(shared)
             for row, seq in zip(rows, sequences):
                 self.rows[row] = seq
+                self._admissions += 1
+                seq.admitted = self._admissions
+                seq.blocks = full + self.pool.allocate(1 if partial else 0)
+                if seq is not first:
+                    self.pool.share(full)
+            reserved += sum(self._wanted(seq) for seq in sequences)
             settings = tuple((s.params, s.index) for s in sequences)
-            fills.append(Fill(tuple(first.prompt_ids), tuple(rows), settings, first.max_new, allowed_W))
+            tables = tuple(tuple(s.blocks) for s in sequences)
+            fills.append(Fill(tuple(context), tuple(rows), tables, settings, first.max_new - first.completion_tokens,
+                              allowed_W, generated=first.completion_tokens))  # fmt: skip
         return fills
 
     def _logprobs(self, output: Output, i: int, count: int, params: SamplingParams) -> list[TokenLogprob]:
@@ -359,10 +451,11 @@ class Scheduler:
         failure left it unknown); waiting requests stay queued."""
         self._fail_running(error)
         self.runner.reset()
+        self.pool.reset()
 
     def _fail_running(self, error: BaseException) -> None:
         self._in_flight = None  # its rows' sequences end here; what it produced is dropped
         for row, seq in enumerate(self.rows):
             if seq is not None:
+                self._free(row)
                 seq.deliver(error)
-                self.rows[row] = None

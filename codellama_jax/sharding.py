@@ -30,7 +30,8 @@ RULES: dict[str, str | None] = {
     "embed": None,
     "head_dim": None,
     "norm": None,
-    "length": None,
+    "blocks": None,  # KV cache blocks: any row may hold any block
+    "block": None,
 }
 
 

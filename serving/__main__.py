@@ -36,6 +36,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     parser.add_argument("--max-batch", type=int, default=8, help="decode slots: requests generated at once (default 8)")
     parser.add_argument("--max-len", type=int, help="tokens per request, prompt and output (default: the context)")
+    parser.add_argument("--block-size", type=int, default=16, help="positions per KV cache block (default 16)")
+    parser.add_argument("--kv-cache-memory", metavar="SIZE",
+                        help="memory of the KV cache on each device: bytes (e.g. 24GiB) or a fraction of what the "
+                        "devices have free after loading the weights (e.g. 0.9; not on CPU); default: room for "
+                        "every slot at --max-len")  # fmt: skip
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     parser.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on accelerators, float32 on CPU")
@@ -120,7 +125,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    from codellama_jax import load, make_mesh
+    from codellama_jax import load, make_mesh, plan
     from codellama_jax.engine import Engine
 
     from .app import ServerConfig, create_app
@@ -142,7 +147,9 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     interactive = sys.stderr.isatty()  # progress bars for people, plain log lines for log files
     model = load(path, dtype=args.dtype, mesh=mesh, quantize=args.quantize, scan_layers=args.scan_layers,
                  progress=interactive)
-    engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue)
+    num_blocks = None if args.kv_cache_memory is None else plan.kv_blocks(model, args.kv_cache_memory, args.block_size)
+    engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue,
+                    num_blocks=num_blocks, block_size=args.block_size)  # fmt: skip
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     config = ServerConfig(args.served_model_name or served_name(path), (args.price_input, args.price_output), keys,
                           allowed_origins=origins)  # fmt: skip

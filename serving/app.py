@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import ValidationError
 from quart import Quart, Response, request
 from quart_schema import QuartSchema, document_request
@@ -59,10 +60,27 @@ class Metrics:
         Gauge("codellama_queue_depth", "requests waiting for a slot", registry=r).set_function(lambda: engine.queue_depth)
         Gauge("codellama_slots_in_use", "decode slots busy", registry=r).set_function(lambda: engine.slots_in_use)
         Gauge("codellama_slots", "decode slots", registry=r).set(engine.max_batch)
+        r.register(_SchedulerCollector(engine))
         self.ttft = Histogram("codellama_time_to_first_token_seconds", "time to first token", registry=r,
                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))  # fmt: skip
         self.tokens_per_second = Histogram("codellama_output_tokens_per_second", "decode speed per request",
                                            registry=r, buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000))  # fmt: skip
+
+
+class _SchedulerCollector:
+    """The scheduler's own figures, read when scraped: KV cache blocks, sequences running and
+    waiting, preemptions."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats()
+        for name, text in (("kv_cache_blocks", "KV cache blocks"), ("kv_cache_blocks_used", "KV cache blocks held"),
+                           ("sequences_running", "sequences decoding"), ("sequences_waiting", "sequences waiting for a row")):  # fmt: skip
+            yield GaugeMetricFamily(f"codellama_{name}", text, value=stats[name])
+        yield CounterMetricFamily("codellama_preemptions", "sequences preempted (KV cache full), prefilled again later",
+                                  value=stats["preemptions"])  # fmt: skip
 
 
 def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
@@ -340,7 +358,8 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
     @app.get("/health")
     async def health():
         body = {"status": "draining" if app.config["DRAINING"] else "ok", "model": config.served_model_name,
-                "slots": engine.max_batch, "slots_in_use": engine.slots_in_use, "queue_depth": engine.queue_depth}  # fmt: skip
+                "slots": engine.max_batch, "slots_in_use": engine.slots_in_use, "queue_depth": engine.queue_depth,
+                "kv_cache_blocks_free": engine.stats()["kv_cache_blocks_free"]}  # fmt: skip
         return body, 503 if app.config["DRAINING"] else 200
 
     @app.get("/metrics")

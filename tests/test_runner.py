@@ -40,14 +40,16 @@ def test_the_prefill_samples_each_rows_first_token_and_a_last_token_is_never_fed
     stop = model.stop_token_ids[0]
     greedy = SamplingParams(temperature=0.0, seed=0)
     forced_stop = SamplingParams(temperature=0.0, seed=0, logit_bias={stop: 100.0})
-    runner = Runner(model, max_batch=4, max_len=32)
-    fills = (Fill(tuple(prompts[0]), (2,), ((greedy, 0),), 3, free_W), Fill(tuple(prompts[1]), (0,), ((greedy, 0),), 1, free_W),
-             Fill(tuple(prompts[1]), (3,), ((forced_stop, 0),), 5, free_W))  # fmt: skip
+    runner = Runner(model, max_batch=4, num_blocks=8, block_size=2)  # blocks in no order: the tables say where
+    fills = (Fill(tuple(prompts[0]), (2,), ((6, 1, 4),), ((greedy, 0),), 3, free_W),
+             Fill(tuple(prompts[1]), (0,), ((0, 7),), ((greedy, 0),), 1, free_W),
+             Fill(tuple(prompts[1]), (3,), ((2, 3),), ((forced_stop, 0),), 5, free_W))  # fmt: skip
     output = runner.admit(Prefill((fills,), ((4, 8),)))
     assert output.rows == (2, 0, 3)
     assert output.tokens_bN[:, 0].tolist() == [want[0][0], want[1][0], stop]
     assert np.asarray(runner.state.remaining_B).tolist() == [0, 0, 2, 0]  # row 1 never filled
-    decoded = runner.collect(runner.launch(Decode((2, 0, 3), 4, 4, 4, 16, 0, structured.fill_bitmask([None] * 4, V))))
+    tables_bJ = np.array([[6, 1, 4, 5], [0, 7, 8, 8], [2, 3, 8, 8], [8] * 4], np.int32)  # 8: no block
+    decoded = runner.collect(runner.launch(Decode((2, 0, 3), 4, 4, 4, 0, structured.fill_bitmask([None] * 4, V), tables_bJ)))
     assert decoded.tokens_bN[0].tolist() == [*want[0][1:], -1, -1]
     assert decoded.tokens_bN[1:].tolist() == [[-1] * 4] * 2
     assert int(runner.state.positions_B[2]) == len(prompts[0]) + 2  # two tokens fed, the third never

@@ -501,6 +501,9 @@ def test_missing_key_and_openapi(server):
     assert "/v1/chat/completions" in spec["paths"]
     metrics = httpx.get(f"{url}/metrics").text
     assert "codellama_requests_total" in metrics and "codellama_time_to_first_token_seconds" in metrics
+    blocks = server[1].stats()["kv_cache_blocks"]
+    assert f"codellama_kv_cache_blocks {blocks:.1f}" in metrics and "codellama_preemptions_total 0.0" in metrics
+    assert httpx.get(f"{url}/health").json()["kv_cache_blocks_free"] == blocks
 
 
 def test_16_concurrent_streams_equal_one_at_a_time(server, model):
