@@ -61,10 +61,13 @@ def prompts_per_call(T: int, max_batch: int, max_len: int) -> int:
     return 1 << (fit.bit_length() - 1)
 
 
-def prefill_shapes(max_batch: int, max_len: int) -> list[tuple[int, int]]:
-    """Every (prompts, prompt length) a prefill call can have."""
+def prefill_shapes(max_batch: int, max_len: int, cached_blocks: int = 0) -> list[tuple[int, int, int]]:
+    """Every (prompts, prompt length, blocks attended) a prefill call can have: fresh prompts
+    attend to themselves (0 blocks); with `cached_blocks`, one prompt at a time also runs after a
+    cached prefix, attending to that many blocks."""
     lengths = sorted({prompt_bucket(n, max_len) for n in range(1, max_len + 1)})
-    return [(1 << i, T) for T in lengths for i in range(prompts_per_call(T, max_batch, max_len).bit_length())]
+    shapes = [(1 << i, T, 0) for T in lengths for i in range(prompts_per_call(T, max_batch, max_len).bit_length())]
+    return shapes + [(1, T, cached_blocks) for T in lengths if cached_blocks]
 
 
 def decode_shapes(max_batch: int, max_len: int) -> list[tuple[int, int]]:
@@ -97,9 +100,11 @@ def warm_up(scheduler, stop: Callable[[], bool] = lambda: False) -> float:
     start = time.perf_counter()
     runner, steps = scheduler.runner, scheduler.steps_per_call
     top_k = min(MAX_TOP_LOGPROBS, scheduler.model.config.vocab_size)
-    prefills = prefill_shapes(scheduler.max_batch, scheduler.max_len)
-    compiles = [functools.partial(runner.compile_prefill, P, T) for P, T in prefills]
-    compiles += [functools.partial(runner.compile_first, P) for P in sorted({P for P, _ in prefills})]
+    pool = scheduler.pool
+    cached = pool.blocks_for(scheduler.max_len) if pool.prefix_caching else 0
+    prefills = prefill_shapes(scheduler.max_batch, scheduler.max_len, cached)
+    compiles = [functools.partial(runner.compile_prefill, P, T, J) for P, T, J in prefills]
+    compiles += [functools.partial(runner.compile_first, P) for P in sorted({P for P, _, _ in prefills})]
     compiles += [functools.partial(runner.compile_decode, b, W, steps, k)
                  for b, W in decode_shapes(scheduler.max_batch, scheduler.max_len) for k in (0, top_k)]  # fmt: skip
     for compile_one in compiles:

@@ -51,6 +51,19 @@ class Plan:
     state_bytes: int  # the runner's other per-row state (pending token, penalties, sampling settings), exact
     work_bytes: int  # that state and one prefill's activations (an estimate)
     largest_batch: int  # at max_len; 0 when not even one row fits
+    block_size: int
+    kv_blocks: int  # cache blocks that fit beside the weights and the working memory of max_batch rows
+    seq_len: int  # the length of a typical conversation, for the paged figures
+
+    @property
+    def sequences(self) -> int:
+        """Conversations of `seq_len` tokens the paged cache holds at once (rows permitting)."""
+        return self.kv_blocks // -(-self.seq_len // self.block_size)
+
+    @property
+    def max_blocks(self) -> int:
+        """Blocks of the cache sized for every row at max_len (`cache_bytes`)."""
+        return self.max_batch * -(-self.max_len // self.block_size)
 
     @property
     def total_bytes(self) -> int:
@@ -74,6 +87,10 @@ class Plan:
             f"  total           {_gib(self.total_bytes):>12} of {_gib(self.usable * self.device_memory)} usable "
             f"({self.usable:.0%}): {'fits' if self.fits else 'does NOT fit'}",
             f"  largest batch that fits at {self.max_len} tokens: {self.largest_batch}",
+            f"  paged KV cache: {self.kv_blocks} blocks of {self.block_size} tokens fit beside the weights and the "
+            f"working memory of {self.max_batch} rows ({_gib(self.kv_blocks * self.cache_bytes / self.max_blocks)})",
+            f"  concurrent {self.seq_len}-token conversations: {self.sequences} in those blocks (rows: --max-batch "
+            f"{self.max_batch}), {self.largest_batch} when every row reserves {self.max_len} tokens",
         ]
         return "\n".join(lines)
 
@@ -90,6 +107,7 @@ def plan(
     usable: float = 0.9,
     compute_dtype: str | None = None,
     block_size: int = 16,
+    seq_len: int = 1000,
 ) -> Plan:
     """The memory plan of `config` on `devices` devices of `device_memory` bytes each.
 
@@ -100,8 +118,8 @@ def plan(
     max_len = max_len or config.max_seq_len
     if not 1 <= max_len <= config.max_seq_len:
         raise ValueError(f"max_len {max_len} is outside [1, {config.max_seq_len}] (the model's context)")
-    if max_batch < 1 or devices < 1 or device_memory < 1 or not 0 < usable <= 1:
-        raise ValueError("max_batch, devices and device_memory must be positive, usable in (0, 1]")
+    if min(max_batch, devices, device_memory, block_size, seq_len) < 1 or not 0 < usable <= 1:
+        raise ValueError("max_batch, devices, device_memory, block_size and seq_len must be positive, usable in (0, 1]")
     mesh_shape = tuple(mesh_shape or (1, devices))
     if len(mesh_shape) != 2 or math.prod(mesh_shape) != devices:
         raise ValueError(f"mesh {mesh_shape} does not hold {devices} devices")
@@ -124,9 +142,10 @@ def plan(
             largest += step
     cache, work = need(max_batch)
     state = work - _prefill_bytes(config, mesh, max_len, compute)
+    kv_blocks = max(0, int(budget - weights - work) // runner.block_bytes(config, mesh, block_size, compute))
     return Plan(
         config, mesh_shape, device_memory, dtype, np.dtype(compute).name, max_batch, max_len, usable,
-        weights, cache, state, work, largest,
+        weights, cache, state, work, largest, block_size, kv_blocks, seq_len,
     )  # fmt: skip
 
 
@@ -204,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-len", type=int, help="tokens per row, prompt and output (default: the context)")
     parser.add_argument("--mesh", help="DATAxMODEL, e.g. 2x4 (default: every device on the model axis)")
     parser.add_argument("--usable", type=float, default=0.9, help="fraction of device memory to plan for (default 0.9)")
+    parser.add_argument("--block-size", type=int, default=16, help="positions per KV cache block (default 16)")
+    parser.add_argument("--seq-len", type=int, default=1000,
+                        help="tokens of a typical conversation: how many fit at once, paged (default 1000)")
     args = parser.parse_args(argv)
     try:
         mesh_shape = None
@@ -214,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         result = plan(
             _config(args.model), devices=args.devices, device_memory=parse_bytes(args.device_memory),
             dtype=args.dtype, max_batch=args.max_batch, max_len=args.max_len, mesh_shape=mesh_shape,
-            usable=args.usable,
+            usable=args.usable, block_size=args.block_size, seq_len=args.seq_len,
         )  # fmt: skip
     except (ValueError, OSError) as e:
         print(f"codellama-plan: error: {e}", file=sys.stderr)

@@ -68,7 +68,11 @@ class Fill:
     row's blocks and a block the others hold alone is copied from it), sampling settings (a seed
     always set, so every process draws alike) and sample index, and the grammar bitmask of the
     first token (all ones: free). The prompt's last `generated` tokens are the rows' own output
-    (a sequence preempted and admitted again): penalties count them."""
+    (a sequence preempted and admitted again): penalties count them.
+
+    Only positions `start` to `stop` (default: the end) are run: those before `start` are in the
+    first table's blocks already (a cached prefix, or an earlier chunk of a long prompt). A fill
+    that stops short of the prompt's end is a chunk: no first token is sampled yet."""
 
     prompt: tuple[int, ...]
     rows: tuple[int, ...]
@@ -77,6 +81,12 @@ class Fill:
     max_new: int
     allowed_W: np.ndarray
     generated: int = 0
+    start: int = 0
+    stop: int | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.stop is None or self.stop == len(self.prompt)
 
 
 # The scheduler's decisions are plain values: every process of a multi-host server plans alike
@@ -86,10 +96,11 @@ class Fill:
 @dataclasses.dataclass(frozen=True)
 class Prefill:
     """Prompts to admit: prefill calls, each a group of prompts of one length bucket, with its
-    shape (P prompts of T tokens)."""
+    shape (P prompts of T tokens attending to J blocks of the cache each; J 0: a fresh prompt
+    attends to itself alone). A call's fills are all final or all chunks."""
 
     calls: tuple[tuple[Fill, ...], ...]
-    shapes: tuple[tuple[int, int], ...]
+    shapes: tuple[tuple[int, int, int], ...]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -191,69 +202,80 @@ class Runner:
         the state with it raises, and so does any failure once the calls are dispatched (it
         happened on the device, and the state went with it)."""
         rows, dispatched, failed = [], [], {}
-        for fills, (P, T) in zip(plan.calls, plan.shapes):
+        for fills, (P, T, J) in zip(plan.calls, plan.shapes):
             try:
-                dispatched.append(self.prefill(fills, P, T))
+                out = self.prefill(fills, P, T, J)
             except Exception as e:
                 if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
                     raise
                 log.exception("prefill failed")
                 failed.update({row: RuntimeError(f"prefill failed: {e}") for fill in fills for row in fill.rows})
                 continue
-            rows.append(tuple(row for fill in fills for row in fill.rows))
+            if out is not None:
+                dispatched.append(out)
+                rows.append(tuple(row for fill in fills for row in fill.rows))
         outputs = [tuple(x[: len(r)] for x in out) for r, out in zip(rows, jax.device_get(dispatched))]
         if not outputs:
             outputs = [(np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32), np.zeros((0, 1, 0), np.int32),
                         np.zeros((0, 1, 0), np.float32))]  # fmt: skip
         return Output(tuple(row for r in rows for row in r), *(np.concatenate(x) for x in zip(*outputs)), failed=failed)
 
-    def prefill(self, fills: Sequence[Fill], P: int, T: int) -> tuple[jax.Array, ...]:
-        """Dispatches one prefill call: each `Fill`'s prompt (padded to `T` tokens) into its rows,
-        then each row's first token; `P` prompts in all, the padding ones filling no row. Returns
-        the first tokens `[A, 1]` (and logprobs, top alternatives) on the device, rows in order."""
-        prefill_args, first_args = self._prefill_args(fills, P, T)
+    def prefill(self, fills: Sequence[Fill], P: int, T: int, J: int = 0) -> tuple[jax.Array, ...] | None:
+        """Dispatches one prefill call: each `Fill`'s tokens (padded to `T`) into its blocks, then
+        each row's first token; `P` prompts in all, the padding ones filling no row, each
+        attending to `J` blocks (0: to itself alone). Returns the first tokens `[A, 1]` (and
+        logprobs, top alternatives) on the device, rows in order; None for chunks."""
+        prefill_args, first_args = self._prefill_args(fills, P, T, J)
         self.state, logits_AV = self._prefill(*prefill_args)
+        if not all(fill.final for fill in fills):
+            return None
         self.state, out = self._first(self.state, self.stop_ids, logits_AV, *first_args)
         return out
 
-    def compile_prefill(self, P: int, T: int) -> None:
+    def compile_prefill(self, P: int, T: int, J: int = 0) -> None:
         """Compiles the prefill call of this shape without running it (warm-up)."""
-        self._prefill.lower(*self._prefill_args([], P, T)[0]).compile()
+        self._prefill.lower(*self._prefill_args([], P, T, J)[0]).compile()
 
     def compile_first(self, P: int) -> None:
         """Compiles the first-token call after a prefill of `P` prompts (warm-up)."""
-        first_args = self._prefill_args([], P, 1)[1]
+        first_args = self._prefill_args([], P, 1, 0)[1]
         logits_AV = jax.ShapeDtypeStruct((P, self.model.config.vocab_size), jnp.float32,
                                          sharding=sharding.replicated(self.model.mesh))  # as the prefill returns them
         self._first.lower(self.state, self.stop_ids, logits_AV, *first_args).compile()
 
-    def _prefill_args(self, fills: Sequence[Fill], P: int, T: int) -> tuple[tuple, tuple]:
-        """The arguments of the prefill call and of the first-token call after it."""
+    def _prefill_args(self, fills: Sequence[Fill], P: int, T: int, J: int) -> tuple[tuple, tuple]:
+        """The arguments of the prefill call and of the first-token call after it. Each prompt's
+        seen tokens and the counts of its own output (penalties) come from the host: a call
+        runs only part of a prompt when the rest is cached."""
         B, M, V = self.max_batch, self.num_blocks, self.model.config.vocab_size
         A = P * max((len(f.rows) for f in fills), default=1)
-        tokens_PT, lengths_P, generated_P = np.zeros((P, T), np.int32), np.ones(P, np.int32), np.zeros(P, np.int32)
-        table_PJ = np.full((P, -(-T // self.block_size)), M, np.int32)  # M: no block (a padding prompt)
+        tokens_PT, start_P, last_P = np.zeros((P, T), np.int32), np.zeros(P, np.int32), np.zeros(P, np.int32)
+        seen_PV, counts_PV = np.zeros((P, V), bool), np.zeros((P, V), np.int32)
+        table_PJ = np.full((P, J or -(-T // self.block_size)), M, np.int32)  # M: no block (a padding prompt)
         rows_A, prompt_A, max_new_A = np.full(A, B, np.int32), np.zeros(A, np.int32), np.zeros(A, np.int32)
         src_A, dst_A = np.zeros(A, np.int32), np.full(A, M, np.int32)  # a block some sample holds alone
         allowed_AW = structured.fill_bitmask([None] * A, V)
         settings = [(SamplingParams(temperature=0.0, seed=0), 0)] * A
         a = 0
         for p, fill in enumerate(fills):
-            tokens_PT[p, : len(fill.prompt)], lengths_P[p], generated_P[p] = fill.prompt, len(fill.prompt), fill.generated
+            stop = len(fill.prompt) if fill.stop is None else fill.stop
+            tokens_PT[p, : stop - fill.start], start_P[p], last_P[p] = fill.prompt[fill.start : stop], fill.start, stop - 1
+            seen_PV[p, list(fill.prompt)] = True
+            counts_PV[p] = np.bincount(fill.prompt[len(fill.prompt) - fill.generated :], minlength=V)
             table = fill.tables[0]
             table_PJ[p, : len(table)] = table
             for row, own, setting in zip(fill.rows, fill.tables, fill.settings):
                 rows_A[a], prompt_A[a], max_new_A[a], settings[a], allowed_AW[a] = row, p, fill.max_new, setting, fill.allowed_W
                 copied = [j for j, block in enumerate(own) if block != table[j]]
-                if copied:
+                if copied and fill.final:
                     if len(copied) > 1:
                         raise ValueError(f"a sample of a prompt holds {len(copied)} blocks of its own; one at most")
                     src_A[a], dst_A[a] = table[copied[0]], own[copied[0]]
                 a += 1
-        args = self._put((tokens_PT, lengths_P, generated_P, table_PJ, rows_A, prompt_A, max_new_A,
+        args = self._put((tokens_PT, start_P, last_P, seen_PV, counts_PV, table_PJ, rows_A, prompt_A, max_new_A,
                           SamplingArrays.build(settings, V), src_A, dst_A, allowed_AW))  # fmt: skip
         forks = any(len(f.rows) > 1 for f in fills)
-        return (forks, self.state, self.model.params, *args[:-1]), (args[4], args[-1])
+        return (forks, J > 0, self.state, self.model.params, *args[:-1]), (args[6], args[-1])
 
     def compile_decode(self, b: int, window: int, steps: int, top_k: int = 0):
         """Compiles the decode call of `b` rows attending to `window` positions without running it
@@ -296,7 +318,7 @@ def _jitted(graphdef, config, max_batch: int, num_blocks: int, block_size: int, 
     top alternatives (once per request, cheap)."""
     replicated = sharding.replicated(shardings.next_B.mesh)  # every host reads what a call produced
     empty = jax.jit(functools.partial(_empty, config, max_batch, num_blocks, block_size, dtype), out_shardings=shardings)
-    prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnums=(0,), donate_argnums=(1,),
+    prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnums=(0, 1), donate_argnums=(2,),
                       out_shardings=(shardings, replicated))  # fmt: skip
     first = jax.jit(functools.partial(_first, min(MAX_TOP_LOGPROBS, config.vocab_size)), donate_argnums=(0,),
                     out_shardings=(shardings, replicated))  # fmt: skip
@@ -355,31 +377,27 @@ def _pick(logits_bV, sampling, counts_bV, seen_bV, positions_b, allowed_bW, rema
     )
 
 
-def _prefill(graphdef, forks, state: RunnerState, params, tokens_PT, lengths_P, generated_P, table_PJ, rows_A, prompt_A,
-             max_new_A, sampling_A, src_A, dst_A):  # fmt: skip
-    """Runs the prompts, writing their keys and values into the blocks of `table_PJ`; with
-    `forks`, copies block `src_A` to `dst_A` for a sample that holds one alone; sets every filled
-    row's position, budget, seen and produced tokens and sampling settings. Returns the state and
-    each filled row's next-token logits."""
+def _prefill(graphdef, forks, cached, state: RunnerState, params, tokens_PT, start_P, last_P, seen_PV, counts_PV, table_PJ,
+             rows_A, prompt_A, max_new_A, sampling_A, src_A, dst_A):  # fmt: skip
+    """Runs each prompt's positions `start_P` on into the blocks of `table_PJ` (with `cached`,
+    attending to the positions before them there too); with `forks`, copies block `src_A` to
+    `dst_A` for a sample that holds one alone; sets every filled row's position, budget, seen
+    and produced tokens and sampling settings. Returns the state and each filled row's logits at
+    its prompt's position `last_P` (its next token's, once the prompt is whole)."""
     model = nnx.merge(graphdef, params)
     P, T = tokens_PT.shape
-    positions_PT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
-    x_PTD, cache = model.hidden(tokens_PT, AttentionMeta(positions_PT, table_PJ), state.cache)
+    positions_PT = start_P[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    x_PTD, cache = model.hidden(tokens_PT, AttentionMeta(positions_PT, table_PJ, cached=cached), state.cache)
     if forks:
         cache = cache.copy_blocks(src_A, dst_A)
-    logits_PV = model.head(x_PTD[jnp.arange(P), lengths_P - 1][:, None])[:, 0]
-    V = logits_PV.shape[-1]
-    in_prompt_PT = positions_PT < lengths_P[:, None]
-    produced_PT = in_prompt_PT & (positions_PT >= (lengths_P - generated_P)[:, None])
-    seen_PV = jnp.zeros((P, V), bool).at[jnp.arange(P)[:, None], tokens_PT].max(in_prompt_PT)
-    counts_PV = jnp.zeros((P, V), jnp.int32).at[jnp.arange(P)[:, None], tokens_PT].add(produced_PT.astype(jnp.int32))
+    logits_PV = model.head(x_PTD[jnp.arange(P), last_P - start_P][:, None])[:, 0]
 
     put = functools.partial(_scatter, rows_b=rows_A)
 
     state = RunnerState(
         cache=cache,
         next_B=state.next_B,
-        positions_B=put(state.positions_B, lengths_P[prompt_A]),
+        positions_B=put(state.positions_B, last_P[prompt_A] + 1),
         remaining_B=put(state.remaining_B, max_new_A),
         counts_BV=put(state.counts_BV, counts_PV[prompt_A]),
         seen_BV=put(state.seen_BV, seen_PV[prompt_A]),

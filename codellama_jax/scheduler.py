@@ -68,7 +68,13 @@ class Sequence:
         self.cancelled = False
         self.output_ids: list[int] = []  # what it has produced (a stop token not included)
         self.blocks: list[int] = []  # its block table: the KV cache blocks of its positions, in order
+        self.prefilled = False  # its prompt's keys and values are in its blocks
         self.admitted = 0  # when it was last admitted (preemption takes the latest first)
+
+    @property
+    def context(self) -> list[int]:
+        """Its prompt and what it has produced: what a prefill after a preemption runs."""
+        return self.prompt_ids + self.output_ids
 
     @property
     def completion_tokens(self) -> int:
@@ -137,7 +143,7 @@ class Scheduler:
     at least one sequence of `max_len`), `steps_per_call` decode steps per step."""
 
     def __init__(self, model: Model, *, max_batch: int = 8, max_len: int | None = None, steps_per_call: int = 4,
-                 num_blocks: int | None = None, block_size: int = 16):  # fmt: skip
+                 num_blocks: int | None = None, block_size: int = 16, prefix_caching: bool = True):  # fmt: skip
         if max_batch < 1 or (max_len is not None and max_len < 2) or block_size < 1:
             raise ValueError(f"max_batch and block_size must be at least 1 and max_len at least 2, "
                              f"got {max_batch}, {block_size} and {max_len}")  # fmt: skip
@@ -150,9 +156,10 @@ class Scheduler:
         if num_blocks < per_sequence:
             raise ValueError(f"{num_blocks} cache blocks of {block_size} positions cannot hold one sequence of "
                              f"max_len {self.max_len} tokens ({per_sequence} blocks)")  # fmt: skip
-        self.pool = BlockPool(num_blocks, block_size)
+        self.pool = BlockPool(num_blocks, block_size, prefix_caching)
         self.runner = Runner(model, self.max_batch, num_blocks, block_size)
         self.preemptions = 0
+        self.prefix_queried_tokens = self.prefix_hit_tokens = 0  # prompt tokens looked up in the prefix cache, found
         self._admissions = 0
         self.waiting: collections.deque[list[Sequence]] = collections.deque()
         self.rows: list[Sequence | None] = [None] * self.max_batch
@@ -216,7 +223,8 @@ class Scheduler:
         pool = self.pool
         return {"kv_cache_blocks": pool.num_blocks, "kv_cache_blocks_used": pool.num_blocks - pool.num_free,
                 "kv_cache_blocks_free": pool.num_free, "sequences_running": self.busy_rows,
-                "sequences_waiting": sum(len(group) for group in list(self.waiting)), "preemptions": self.preemptions}  # fmt: skip
+                "sequences_waiting": sum(len(group) for group in list(self.waiting)), "preemptions": self.preemptions,
+                "prefix_cache_queried_tokens": self.prefix_queried_tokens, "prefix_cache_hit_tokens": self.prefix_hit_tokens}  # fmt: skip
 
     def has_work(self) -> bool:
         return bool(self.waiting) or self.busy_rows > 0 or self._in_flight is not None
@@ -231,13 +239,23 @@ class Scheduler:
             self._collect()
         admitted = self.prefill_plan()
         if admitted is not None:
-            self._deliver(self.runner.admit(admitted))
+            self._deliver(self._prefill(admitted))
         plan = self.decode_plan()
         launched = None if plan is None else (self.runner.launch(plan), [self.rows[row] for row in plan.rows])
         self._collect()
         self._in_flight = launched
         if not self._may_run_ahead():
             self._collect()
+
+    def _prefill(self, plan: Prefill) -> Output:
+        """Runs a prefill plan; the full blocks it wrote are registered for reuse."""
+        output = self.runner.admit(plan)
+        for fill in (fill for call in plan.calls for fill in call):
+            if fill.rows[0] not in output.failed:
+                self.pool.register(fill.prompt[: fill.stop], fill.tables[0])
+                for row in fill.rows:
+                    self.rows[row].prefilled = fill.final
+        return output
 
     def _may_run_ahead(self) -> bool:
         """Whether the next call may be launched before the one in flight is collected: it hides
@@ -286,19 +304,24 @@ class Scheduler:
             return RuntimeError(f"request failed: {e}")
 
     def prefill_plan(self) -> Prefill | None:
-        """Waiting requests admitted into free rows, as prefill calls of prompts grouped by
-        length bucket; None when none is admitted."""
+        """Waiting requests admitted into free rows, as prefill calls: fresh prompts grouped by
+        length bucket, and a call of its own for each prompt that reads a cached prefix
+        (attending to the blocks of the longest sequence); None when none is admitted."""
         fills = self._admit()
         if not fills:
             return None
-        by_shape: dict[int, list[list[Fill]]] = {}  # prompt bucket -> prefill calls
+        by_shape: dict[int, list[list[Fill]]] = {}  # prompt bucket -> prefill calls of fresh prompts
         for fill in fills:
-            T = buckets.prompt_bucket(len(fill.prompt), self.max_len)
-            groups = by_shape.setdefault(T, [[]])
-            if len(groups[-1]) == buckets.prompts_per_call(T, self.max_batch, self.max_len):
-                groups.append([])
-            groups[-1].append(fill)
-        calls = [(tuple(g), (buckets.rows_bucket(len(g), self.max_batch), T)) for T, gs in by_shape.items() for g in gs]
+            if fill.start == 0 and fill.final:
+                T = buckets.prompt_bucket(len(fill.prompt), self.max_len)
+                groups = by_shape.setdefault(T, [[]])
+                if len(groups[-1]) == buckets.prompts_per_call(T, self.max_batch, self.max_len):
+                    groups.append([])
+                groups[-1].append(fill)
+        calls = [(tuple(g), (buckets.rows_bucket(len(g), self.max_batch), T, 0)) for T, gs in by_shape.items() for g in gs]
+        J = self.pool.blocks_for(self.max_len)
+        calls += [((fill,), (1, buckets.prompt_bucket(len(fill.prompt[fill.start : fill.stop]), self.max_len), J))
+                  for fill in fills if fill.start > 0 or not fill.final]  # fmt: skip
         return Prefill(calls=tuple(c[0] for c in calls), shapes=tuple(c[1] for c in calls))
 
     def decode_plan(self) -> Decode | None:
@@ -370,10 +393,13 @@ class Scheduler:
         self.preemptions += 1
 
     def _free(self, row: int) -> None:
-        """Row `row` and the blocks its sequence held are free."""
+        """Row `row` and the blocks its sequence held are free; the full blocks of the tokens it
+        fed are registered for reuse (a conversation's next turn starts with them)."""
         seq, self.rows[row] = self.rows[row], None
+        if seq.prefilled:
+            self.pool.register(seq.context[:-1], seq.blocks)  # its last token was never fed
         self.pool.release(seq.blocks)
-        seq.blocks = []
+        seq.blocks, seq.prefilled = [], False
 
     def _admit(self) -> list[Fill]:
         """Waiting requests into free rows, in order, while their samples fit: a row each, and
@@ -388,21 +414,27 @@ class Scheduler:
                 self.waiting.popleft()
                 continue
             first = sequences[0]
-            context = first.prompt_ids + first.output_ids  # a preempted sequence: what it had produced too
+            context = first.context  # a preempted sequence: what it had produced too
+            hit = self.pool.cached_prefix(context)
+            self.pool.share(hit)  # held before counting what is free: an idle cached block counts as free
             shared, partial = divmod(len(context), self.pool.block_size)
-            wanted = shared + (1 if partial else 0) * len(sequences)
+            wanted = shared - len(hit) + (1 if partial else 0) * len(sequences)
             free = [row for row, s in enumerate(self.rows) if s is None]
             if len(free) < len(sequences) or wanted + reserved > self.pool.num_free:
+                self.pool.release(hit)
                 break
             self.waiting.popleft()
+            self.prefix_queried_tokens += len(context)
+            self.prefix_hit_tokens += len(hit) * self.pool.block_size
             try:  # every sample's grammar starts alike
                 allowed_W = structured.fill_bitmask([first.constraint], self.model.config.vocab_size)[0]
             except structured.ConstraintError as e:
+                self.pool.release(hit)
                 for seq in sequences:
                     seq.deliver(e.errors[0])
                 continue
             rows = free[: len(sequences)]
-            full = self.pool.allocate(shared)
+            full = hit + self.pool.allocate(shared - len(hit))
             for row, seq in zip(rows, sequences):
                 self.rows[row] = seq
                 self._admissions += 1
@@ -414,7 +446,7 @@ class Scheduler:
             settings = tuple((s.params, s.index) for s in sequences)
             tables = tuple(tuple(s.blocks) for s in sequences)
             fills.append(Fill(tuple(context), tuple(rows), tables, settings, first.max_new - first.completion_tokens,
-                              allowed_W, generated=first.completion_tokens))  # fmt: skip
+                              allowed_W, generated=first.completion_tokens, start=len(hit) * self.pool.block_size))  # fmt: skip
         return fills
 
     def _logprobs(self, output: Output, i: int, count: int, params: SamplingParams) -> list[TokenLogprob]:

@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="memory of the KV cache on each device: bytes (e.g. 24GiB) or a fraction of what the "
                         "devices have free after loading the weights (e.g. 0.9; not on CPU); default: room for "
                         "every slot at --max-len")  # fmt: skip
+    parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                        help="prefill every prompt whole, even when an earlier one began alike (default: reuse the "
+                        "cached keys and values of the longest shared prefix)")  # fmt: skip
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     parser.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on accelerators, float32 on CPU")
@@ -149,7 +152,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
                  progress=interactive)
     num_blocks = None if args.kv_cache_memory is None else plan.kv_blocks(model, args.kv_cache_memory, args.block_size)
     engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue,
-                    num_blocks=num_blocks, block_size=args.block_size)  # fmt: skip
+                    num_blocks=num_blocks, block_size=args.block_size, prefix_caching=args.prefix_caching)  # fmt: skip
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     config = ServerConfig(args.served_model_name or served_name(path), (args.price_input, args.price_output), keys,
                           allowed_origins=origins)  # fmt: skip

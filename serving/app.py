@@ -69,7 +69,7 @@ class Metrics:
 
 class _SchedulerCollector:
     """The scheduler's own figures, read when scraped: KV cache blocks, sequences running and
-    waiting, preemptions."""
+    waiting, preemptions, prefix cache lookups and hits (in tokens)."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -81,6 +81,10 @@ class _SchedulerCollector:
             yield GaugeMetricFamily(f"codellama_{name}", text, value=stats[name])
         yield CounterMetricFamily("codellama_preemptions", "sequences preempted (KV cache full), prefilled again later",
                                   value=stats["preemptions"])  # fmt: skip
+        yield CounterMetricFamily("codellama_prefix_cache_queried_tokens", "prompt tokens looked up in the prefix cache",
+                                  value=stats["prefix_cache_queried_tokens"])  # fmt: skip
+        yield CounterMetricFamily("codellama_prefix_cache_hit_tokens", "prompt tokens found in the prefix cache (not prefilled)",
+                                  value=stats["prefix_cache_hit_tokens"])  # fmt: skip
 
 
 def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:

@@ -13,7 +13,8 @@ from conftest import KEY, NAME, REPO, running_server, write_hf_checkpoint
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, sp_dir):
-    return write_hf_checkpoint(tmp_path_factory.mktemp("bench") / "tiny", sp_dir, num_key_value_heads=2)
+    return write_hf_checkpoint(tmp_path_factory.mktemp("bench") / "tiny", sp_dir, num_key_value_heads=2,
+                               max_position_embeddings=1024)  # room for the chat workload's conversations
 
 
 def _run(*args: str) -> str:
@@ -41,8 +42,12 @@ def test_serve_benchmark(tiny):
         out = _run("benchmarks/serve.py", "--url", url, "--api-key", KEY, "--model", NAME, "--clients", "1", "2",
                    "--seconds", "2", "--max-tokens", "4", "--against", url, "--against-key", KEY,
                    "--against-model", NAME, "--library", str(tiny), "--library-no-scan-layers")  # fmt: skip
+        chat = _run("benchmarks/serve.py", "--url", url, "--api-key", KEY, "--model", NAME, "--clients", "2",
+                    "--seconds", "4", "--max-tokens", "4", "--workload", "chat", "--turns", "2", "--system-rules", "2",
+                    "--rounds", "1", "--against", url, "--against-key", KEY, "--against-model", NAME)  # fmt: skip
     lines = out.strip().splitlines()
-    assert len(lines) == 9 and "x generate() at batch 1" in out and "2 client(s):" in lines[-1], out
+    assert len(lines) == 11 and "x generate() at batch 1" in out and "2 client(s):" in lines[-1], out
+    assert "later p50 s" in chat and "ours: prefix cache hit rate" in chat and "later turns'" in chat, chat
 
 
 def test_compile_benchmark(tiny):

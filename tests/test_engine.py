@@ -165,10 +165,10 @@ def test_a_failed_prefill_fails_its_request_only(model, monkeypatch):
     ends the requests it carried; the rows decoding meanwhile go on and stay right."""
     prefill = Runner.prefill
 
-    def failing(self, fills, P, T):
+    def failing(self, fills, *shape):
         if any(list(f.prompt) == PROMPTS[1] for f in fills):
             raise RuntimeError("out of memory")
-        return prefill(self, fills, P, T)
+        return prefill(self, fills, *shape)
 
     monkeypatch.setattr(Runner, "prefill", failing)
     engine = Engine(model, max_batch=4, max_len=64, steps_per_call=2)

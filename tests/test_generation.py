@@ -113,7 +113,8 @@ def test_max_tokens_zero_and_default(tiny):
 
 def test_no_compile_after_warm_up_for_every_prompt_length(tiny):
     """Warm-up covers every shape a server of this size meets: prompts of every length up to
-    max_len, alone and together, some with top logprobs, then compile nothing."""
+    max_len, alone and together, some with top logprobs, some after a cached prefix, then
+    compile nothing."""
     model, _ = tiny  # a 128-token context
     scheduler = Scheduler(model, max_batch=4, max_len=128, steps_per_call=3)
     buckets.warm_up(scheduler)
@@ -126,9 +127,12 @@ def test_no_compile_after_warm_up_for_every_prompt_length(tiny):
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         rng = np.random.default_rng(5)
-        done = []
+        done, last = [], []
         for length in range(1, 125):
             ids = rng.integers(3, SP_VOCAB, length).tolist()
+            if length % 3 == 0:  # begins as the prompt before: its full blocks are cached
+                ids = (last + ids)[:length]
+            last = ids
             top = 2 if length % 7 == 0 else 0  # some ask for top logprobs: decode shapes of their own
             params = SamplingParams(temperature=0.0, max_tokens=int(rng.integers(1, 129 - length)),
                                     logprobs=bool(top), top_logprobs=top)  # fmt: skip

@@ -82,6 +82,11 @@ def test_70b_figures():
     assert h100x8.fits and h100x8.cache_bytes == 80 * 2 * 8 * 4096 * 8 * 128 * 2 // 8
     h200 = plan(config, devices=1, device_memory=141 * gib, dtype="int8", max_batch=8, max_len=4096)
     assert h200.fits and h200.weight_bytes < 0.51 * config.num_params * 2
+    # paged: the memory beside weights and 64 rows' working memory, in blocks of 16 tokens of 80 layers' keys and values
+    paged = plan(config, devices=1, device_memory=141 * gib, dtype="int8", max_batch=64, max_len=4096, seq_len=1000)
+    block = 80 * 2 * 8 * 16 * 128 * 2
+    assert paged.kv_blocks == int(0.9 * 141 * gib - paged.weight_bytes - paged.work_bytes) // block
+    assert paged.sequences == paged.kv_blocks // 63 > 4 * paged.largest_batch
     # 16 devices on the model axis: the 8 kv heads are replicated, so the cache is not split
     v5e16 = plan(config, devices=16, device_memory=16 * gib, dtype="bfloat16", max_batch=8, max_len=4096)
     assert v5e16.cache_bytes == h100x8.cache_bytes * 8
@@ -93,6 +98,7 @@ def test_cli(capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "int8 weights" in out and "fits" in out and "largest batch that fits at 4096 tokens" in out
+    assert "concurrent 1000-token conversations:" in out
     assert main([*args[:5], "80GB", "--dtype", "bfloat16"]) == 2
     assert "does NOT fit" in capsys.readouterr().out
 

@@ -44,7 +44,7 @@ def test_the_prefill_samples_each_rows_first_token_and_a_last_token_is_never_fed
     fills = (Fill(tuple(prompts[0]), (2,), ((6, 1, 4),), ((greedy, 0),), 3, free_W),
              Fill(tuple(prompts[1]), (0,), ((0, 7),), ((greedy, 0),), 1, free_W),
              Fill(tuple(prompts[1]), (3,), ((2, 3),), ((forced_stop, 0),), 5, free_W))  # fmt: skip
-    output = runner.admit(Prefill((fills,), ((4, 8),)))
+    output = runner.admit(Prefill((fills,), ((4, 8, 0),)))
     assert output.rows == (2, 0, 3)
     assert output.tokens_bN[:, 0].tolist() == [want[0][0], want[1][0], stop]
     assert np.asarray(runner.state.remaining_B).tolist() == [0, 0, 2, 0]  # row 1 never filled

@@ -71,3 +71,42 @@ def test_a_request_the_cache_cannot_hold_is_refused(model):
     assert e.value.param == "n"
     with pytest.raises(ValueError, match="cannot hold one sequence"):
         Scheduler(model, max_batch=2, max_len=64, num_blocks=8, block_size=4)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_a_cached_prefix_is_reused_and_answers_equal_those_without(model, sampled):
+    """Prompts sharing a 41-token start, then a second turn (the first turn, its answer and more):
+    later prompts prefill only what follows their cached blocks (the answer's blocks included),
+    alone and several at once, and answer as with prefix caching off."""
+    settings = dict(temperature=0.8, top_p=0.9, seed=11, presence_penalty=0.3) if sampled else dict(temperature=0.0)
+    system = [1, *range(100, 140)]
+    prompts = [system + [7, 8, 9], system + [30, 31], system + list(range(60, 79))]
+    params = SamplingParams(max_tokens=12, **settings)
+
+    def serve(prefix_caching: bool):
+        scheduler = Scheduler(model, max_batch=4, max_len=128, block_size=8, prefix_caching=prefix_caching)
+        first = run(scheduler, [(prompts[0], params)])[0]
+        later = run(scheduler, [(p, params) for p in prompts[1:]])
+        answer = [t for c in first for t in c.token_ids]
+        turn = run(scheduler, [(prompts[0] + answer + [5, 6], params)])
+        return [[t for c in chunks for t in c.token_ids] for chunks in [first, *later, *turn]], scheduler
+
+    cached, with_cache = serve(True)
+    assert cached == serve(False)[0]
+    hits = with_cache.prefix_hit_tokens
+    assert hits == 40 + 40 + 48  # 5 blocks of the shared start twice; the second turn 6: one holds answer tokens
+    assert with_cache.prefix_queried_tokens == sum(len(p) for p in prompts) + len(prompts[0]) + 12 + 2
+
+
+def test_cached_blocks_nobody_holds_are_evicted_oldest_first(model):
+    """A pool of two 32-token sequences: cached prefixes stay while there is room, and give their
+    blocks back, least recently used first, when new prompts need them."""
+    scheduler = Scheduler(model, max_batch=2, max_len=32, num_blocks=8, block_size=4)
+    params = SamplingParams(temperature=0.0, max_tokens=2)
+    a, b, c = ([1, *range(k, k + 20)] for k in (100, 200, 300))
+    run(scheduler, [(a, params)])
+    run(scheduler, [(b, params)])  # a's 5 full blocks and b's 5: 10 > 8 blocks, so a's oldest go
+    assert scheduler.pool.cached_prefix(a + [2]) == [] and len(scheduler.pool.cached_prefix(b + [2])) == 5
+    want = generate(model, [c], temperature=0.0, max_tokens=2)[0].token_ids
+    assert [t for ch in run(scheduler, [(c, params)])[0] for t in ch.token_ids] == want
+    assert scheduler.pool.num_free == 8
