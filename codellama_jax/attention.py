@@ -1,14 +1,18 @@
 """The attention seam: what the model tells attention about a call (`AttentionMeta`), and
-grouped-query attention over the call's own tokens or the KV cache.
+grouped-query attention over the call's own tokens or the paged KV cache.
 
 The model only computes q/k/v and hands them here with the metadata; where keys and values are
-stored and how they are read is this module's and `kv_cache.py`'s business, so a paged cache or an
-accelerator kernel replaces these functions without touching the model.
+stored and how they are read is this module's and `kv_cache.py`'s business. The reference reads a
+row's blocks with one gather and runs dense attention (everywhere; prefill always). A decode
+step on one GPU or TPU instead runs JAX's own Pallas paged-attention kernel for that backend,
+which reads the blocks in place (`decode_kernel`); the tests check each against the reference in
+Pallas' interpret mode.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +31,20 @@ class AttentionMeta:
     `cached` (static): False when the tokens attend only to each other (a fresh prompt, or no
     cache); True when they attend to every position of their row's blocks up to their own,
     their own keys written first.
+    `kernel` (static): how one token per row attends to the cache (`decode_attention`).
     """
 
     positions_BT: jax.Array
     table_BJ: jax.Array | None = None
     cached: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    kernel: str = dataclasses.field(default="reference", metadata=dict(static=True))
+
+
+def decode_kernel(mesh: jax.sharding.Mesh) -> str:
+    """The decode attention for a mesh: JAX's Pallas kernel of its backend ("gpu", "tpu") on one
+    device, else the reference (the kernels are not yet wrapped to run per shard)."""
+    platform = mesh.devices.flat[0].platform
+    return platform if mesh.size == 1 and platform in ("gpu", "tpu") else "reference"
 
 
 def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
@@ -60,6 +73,9 @@ def attention(
     positions_BT = meta.positions_BT
     if cache is not None:
         cache = cache.write(layer, k_BTKH, v_BTKH, meta.table_BJ, positions_BT)
+    if meta.cached and meta.kernel != "reference" and q_BTNH.shape[1] == 1:
+        out_BNH = decode_attention(q_BTNH[:, 0], cache, layer, meta.table_BJ, positions_BT[:, 0] + 1, meta.kernel)
+        return out_BNH[:, None], cache
     if not meta.cached:
         k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
         mask_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
@@ -67,3 +83,39 @@ def attention(
         k_BKSH, v_BKSH = cache.read(layer, meta.table_BJ)
         mask_BTS = jnp.arange(k_BKSH.shape[2])[None, None, :] <= positions_BT[:, :, None]
     return attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS), cache
+
+
+def decode_attention(q_BNH: jax.Array, cache: KVCache, layer, table_BJ: jax.Array, lengths_B: jax.Array,
+                     kernel: str = "reference", interpret: bool = False) -> jax.Array:  # fmt: skip
+    """One query token per row attending to the first `lengths_B` positions of the blocks its
+    table lists, `[B, N, H]`: the reference (gather, then `attend`), or JAX's Pallas
+    paged-attention kernel for "gpu" or "tpu" (`interpret`: run it on any backend, for tests).
+    Table entries that are no block are clamped for the kernels; their positions are past
+    `lengths_B`."""
+    B, N, H = q_BNH.shape
+    if kernel == "reference":
+        k_BKSH, v_BKSH = cache.read(layer, table_BJ)
+        mask_B1S = jnp.arange(k_BKSH.shape[2])[None, None, :] < lengths_B[:, None, None]
+        return attend(q_BNH[:, None], k_BKSH, v_BKSH, mask_B1S)[:, 0]
+    J = table_BJ.shape[1]
+    table_BJ = jnp.minimum(table_BJ, cache.num_blocks - 1)
+    k_KMZH, v_KMZH = cache.k_LKMZH[layer], cache.v_LKMZH[layer]
+    q_BNH = (q_BNH * H**-0.5).astype(k_KMZH.dtype)  # the kernels do not scale the logits
+    if kernel == "gpu":
+        from jax.experimental.pallas.ops.gpu import paged_attention as gpu
+
+        splits = math.gcd(J, 16)
+        return gpu.paged_attention(q_BNH, k_KMZH, v_KMZH, table_BJ, lengths_B, k_splits=splits,
+                                   pages_per_compute_block=math.gcd(J // splits, 8), interpret=interpret)  # fmt: skip
+    if kernel == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+        from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention_kernel as tpu
+
+        def run():
+            return tpu.paged_attention(q_BNH, k_KMZH, v_KMZH, lengths_B, table_BJ, pages_per_compute_block=math.gcd(J, 8))
+
+        if interpret:
+            with pltpu.force_tpu_interpret_mode():
+                return run()
+        return run()
+    raise ValueError(f"unknown decode attention kernel {kernel!r}; choose reference, gpu or tpu")

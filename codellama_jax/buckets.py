@@ -61,11 +61,12 @@ def prompts_per_call(T: int, max_batch: int, max_len: int) -> int:
     return 1 << (fit.bit_length() - 1)
 
 
-def prefill_shapes(max_batch: int, max_len: int, cached_blocks: int = 0) -> list[tuple[int, int, int]]:
-    """Every (prompts, prompt length, blocks attended) a prefill call can have: fresh prompts
-    attend to themselves (0 blocks); with `cached_blocks`, one prompt at a time also runs after a
-    cached prefix, attending to that many blocks."""
-    lengths = sorted({prompt_bucket(n, max_len) for n in range(1, max_len + 1)})
+def prefill_shapes(max_batch: int, max_len: int, cached_blocks: int = 0, chunk: int | None = None) -> list[tuple[int, int, int]]:
+    """Every (prompts, prompt length, blocks attended) a prefill call can have, no call running
+    more than `chunk` tokens of a prompt: fresh prompts attend to themselves (0 blocks); with
+    `cached_blocks`, one prompt at a time also runs after a cached prefix or an earlier chunk,
+    attending to that many blocks."""
+    lengths = sorted({prompt_bucket(n, max_len) for n in range(1, min(chunk or max_len, max_len) + 1)})
     shapes = [(1 << i, T, 0) for T in lengths for i in range(prompts_per_call(T, max_batch, max_len).bit_length())]
     return shapes + [(1, T, cached_blocks) for T in lengths if cached_blocks]
 
@@ -100,9 +101,9 @@ def warm_up(scheduler, stop: Callable[[], bool] = lambda: False) -> float:
     start = time.perf_counter()
     runner, steps = scheduler.runner, scheduler.steps_per_call
     top_k = min(MAX_TOP_LOGPROBS, scheduler.model.config.vocab_size)
-    pool = scheduler.pool
-    cached = pool.blocks_for(scheduler.max_len) if pool.prefix_caching else 0
-    prefills = prefill_shapes(scheduler.max_batch, scheduler.max_len, cached)
+    pool, chunk = scheduler.pool, scheduler.prefill_chunk
+    cached = pool.blocks_for(scheduler.max_len) if pool.prefix_caching or chunk < scheduler.max_len else 0
+    prefills = prefill_shapes(scheduler.max_batch, scheduler.max_len, cached, chunk)
     compiles = [functools.partial(runner.compile_prefill, P, T, J) for P, T, J in prefills]
     compiles += [functools.partial(runner.compile_first, P) for P in sorted({P for P, _, _ in prefills})]
     compiles += [functools.partial(runner.compile_decode, b, W, steps, k)

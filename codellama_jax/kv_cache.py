@@ -1,6 +1,7 @@
-"""The paged key/value cache: a pool of blocks, keys and values `[L, M, K, Z, H]` (layer, block,
-kv head, position within the block, head dim), one array each so that the scan over layers
-carries them and writes in place.
+"""The paged key/value cache: a pool of blocks, keys and values `[L, K, M, Z, H]` (layer, kv head,
+block, position within the block, head dim), one array each so that the scan over layers
+carries them and writes in place; one layer's `[K, M, Z, H]` is the layout JAX's paged
+attention kernels take (attention.py).
 
 A sequence's keys and values live in the blocks its block table lists: position p in block
 `table[p // Z]` at offset `p % Z`. The tables are the host's (blocks.py decides which blocks a
@@ -19,16 +20,16 @@ import jax.numpy as jnp
 
 from codellama_jax.config import LlamaConfig
 
-AXES = ("layers", "blocks", "kv_heads", "block", "head_dim")
+AXES = ("layers", "kv_heads", "blocks", "block", "head_dim")
 
 
 class KVCache(NamedTuple):
-    k_LMKZH: jax.Array
-    v_LMKZH: jax.Array
+    k_LKMZH: jax.Array
+    v_LKMZH: jax.Array
 
     @staticmethod
     def shape(config: LlamaConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        return (config.num_layers, num_blocks, config.num_kv_heads, block_size, config.head_dim)
+        return (config.num_layers, config.num_kv_heads, num_blocks, block_size, config.head_dim)
 
     @classmethod
     def zeros(cls, config: LlamaConfig, num_blocks: int, block_size: int, dtype) -> KVCache:
@@ -37,11 +38,11 @@ class KVCache(NamedTuple):
 
     @property
     def num_blocks(self) -> int:
-        return self.k_LMKZH.shape[1]
+        return self.k_LKMZH.shape[2]
 
     @property
     def block_size(self) -> int:
-        return self.k_LMKZH.shape[3]
+        return self.k_LKMZH.shape[3]
 
     def write(self, layer, k_BTKH: jax.Array, v_BTKH: jax.Array, table_BJ: jax.Array, positions_BT: jax.Array) -> KVCache:
         """The cache with batch row b's keys and values at positions `positions_BT[b]` of the
@@ -51,30 +52,30 @@ class KVCache(NamedTuple):
         block_BT = jnp.take_along_axis(table_BJ, positions_BT // Z, axis=1, mode="fill", fill_value=self.num_blocks)
 
         def put(cache, new_BTKH):
-            return cache.at[layer, block_BT, :, positions_BT % Z].set(new_BTKH.astype(cache.dtype), mode="drop")
+            return cache.at[layer, :, block_BT, positions_BT % Z].set(new_BTKH.astype(cache.dtype), mode="drop")
 
-        return KVCache(put(self.k_LMKZH, k_BTKH), put(self.v_LMKZH, v_BTKH))
+        return KVCache(put(self.k_LKMZH, k_BTKH), put(self.v_LKMZH, v_BTKH))
 
     def read(self, layer, table_BJ: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values `[B, K, J*Z, H]` of the blocks each row's table lists, in order, by one
         gather per array that lays them out that way (no transpose after it); an entry that is
         no block reads the last block (clamped: its positions are masked by the caller)."""
         B, J = table_BJ.shape
-        _, M, K, Z, H = self.k_LMKZH.shape
+        _, K, M, Z, H = self.k_LKMZH.shape
         index_BJ2 = jnp.stack([jnp.broadcast_to(jnp.asarray(layer, table_BJ.dtype), (B, J)), table_BJ], axis=-1)
-        numbers = jax.lax.GatherDimensionNumbers(offset_dims=(1, 3, 4), collapsed_slice_dims=(0, 1), start_index_map=(0, 1))
+        numbers = jax.lax.GatherDimensionNumbers(offset_dims=(1, 3, 4), collapsed_slice_dims=(0, 2), start_index_map=(0, 2))
 
         def get(cache):
-            blocks_BKJZH = jax.lax.gather(cache, index_BJ2, numbers, (1, 1, K, Z, H), mode="clip")
+            blocks_BKJZH = jax.lax.gather(cache, index_BJ2, numbers, (1, K, 1, Z, H), mode="clip")
             return blocks_BKJZH.reshape(B, K, J * Z, H)
 
-        return get(self.k_LMKZH), get(self.v_LMKZH)
+        return get(self.k_LKMZH), get(self.v_LKMZH)
 
     def copy_blocks(self, src_C: jax.Array, dst_C: jax.Array) -> KVCache:
         """Blocks `src_C` copied to blocks `dst_C` in every layer (the partly filled last block of
         a prompt, for each of its other samples); a destination that is no block is skipped."""
 
         def copy(cache):
-            return cache.at[:, dst_C].set(cache.at[:, src_C].get(mode="clip"), mode="drop")
+            return cache.at[:, :, dst_C].set(cache.at[:, :, src_C].get(mode="clip"), mode="drop")
 
-        return KVCache(copy(self.k_LMKZH), copy(self.v_LMKZH))
+        return KVCache(copy(self.k_LKMZH), copy(self.v_LKMZH))

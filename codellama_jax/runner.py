@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from codellama_jax import sharding, structured
-from codellama_jax.attention import AttentionMeta
+from codellama_jax.attention import AttentionMeta, decode_kernel
 from codellama_jax.kv_cache import AXES as CACHE_AXES
 from codellama_jax.kv_cache import KVCache
 from codellama_jax.loader import Model
@@ -322,7 +322,8 @@ def _jitted(graphdef, config, max_batch: int, num_blocks: int, block_size: int, 
                       out_shardings=(shardings, replicated))  # fmt: skip
     first = jax.jit(functools.partial(_first, min(MAX_TOP_LOGPROBS, config.vocab_size)), donate_argnums=(0,),
                     out_shardings=(shardings, replicated))  # fmt: skip
-    decode = jax.jit(functools.partial(_decode, graphdef), static_argnums=(0, 1), donate_argnums=(3,),
+    kernel = decode_kernel(shardings.next_B.mesh)
+    decode = jax.jit(functools.partial(_decode, graphdef, kernel), static_argnums=(0, 1), donate_argnums=(3,),
                      out_shardings=(shardings, replicated))  # fmt: skip
     return empty, prefill, first, decode
 
@@ -447,9 +448,10 @@ def _scatter(x: jax.Array, values_b: jax.Array, rows_b: jax.Array) -> jax.Array:
     return x.at[rows_b].set(values_b.astype(x.dtype), mode="drop")
 
 
-def _decode(graphdef, steps, top_k, params, state: RunnerState, stop_ids, rows_b, allowed_bW, tables_bJ, max_steps):
+def _decode(graphdef, kernel, steps, top_k, params, state: RunnerState, stop_ids, rows_b, allowed_bW, tables_bJ, max_steps):
     """Up to `max_steps` steps for rows `rows_b`: feed each running row's pending token into its
-    blocks (`tables_bJ`), then sample its next (among those `allowed_bW` allows) and record it."""
+    blocks (`tables_bJ`), attending with `kernel` (attention.decode_kernel), then sample its next
+    (among those `allowed_bW` allows) and record it."""
     model = nnx.merge(graphdef, params)
     b, M = rows_b.shape[0], state.cache.num_blocks
     sampling = rows_sampling(state.sampling, rows_b)
@@ -468,7 +470,7 @@ def _decode(graphdef, steps, top_k, params, state: RunnerState, stop_ids, rows_b
     def step(carry):
         cache, (next_b, positions_b, remaining_b, counts_bV, seen_bV), out, j = carry
         live_b = remaining_b > 0
-        meta = AttentionMeta(positions_b[:, None], jnp.where(live_b[:, None], tables_bJ, M), cached=True)
+        meta = AttentionMeta(positions_b[:, None], jnp.where(live_b[:, None], tables_bJ, M), cached=True, kernel=kernel)
         x_b1D, cache = model.hidden(next_b[:, None], meta, cache)
         positions_b = positions_b + live_b
         picked = _pick(model.head(x_b1D)[:, 0], sampling, counts_bV, seen_bV, positions_b, allowed_bW, remaining_b,

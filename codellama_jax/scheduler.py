@@ -140,17 +140,21 @@ class Scheduler:
     """Requests over `max_batch` rows of up to `max_len` tokens each (the model's context at
     most), whose keys and values share a cache of `num_blocks` blocks of `block_size` positions
     (by default enough for every row at `max_len`: exactly the sizes the memory planner counts;
-    at least one sequence of `max_len`), `steps_per_call` decode steps per step."""
+    at least one sequence of `max_len`), `steps_per_call` decode steps per step, at most
+    `prefill_chunk` prompt tokens prefilled per step (a longer prompt is prefilled in chunks,
+    between decode calls)."""
 
     def __init__(self, model: Model, *, max_batch: int = 8, max_len: int | None = None, steps_per_call: int = 4,
-                 num_blocks: int | None = None, block_size: int = 16, prefix_caching: bool = True):  # fmt: skip
-        if max_batch < 1 or (max_len is not None and max_len < 2) or block_size < 1:
-            raise ValueError(f"max_batch and block_size must be at least 1 and max_len at least 2, "
-                             f"got {max_batch}, {block_size} and {max_len}")  # fmt: skip
+                 num_blocks: int | None = None, block_size: int = 16, prefix_caching: bool = True,
+                 prefill_chunk: int = 512):  # fmt: skip
+        if max_batch < 1 or (max_len is not None and max_len < 2) or block_size < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch, block_size and prefill_chunk must be at least 1 and max_len at least 2, "
+                             f"got {max_batch}, {block_size}, {prefill_chunk} and {max_len}")  # fmt: skip
         self.model = model
         self.max_batch = max_batch
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.steps_per_call = steps_per_call
+        self.prefill_chunk = prefill_chunk
         per_sequence = -(-self.max_len // block_size)
         num_blocks = max_batch * per_sequence if num_blocks is None else num_blocks
         if num_blocks < per_sequence:
@@ -167,6 +171,7 @@ class Scheduler:
         self._top_k = min(MAX_TOP_LOGPROBS, model.config.vocab_size)
         self._free_mask = structured.fill_bitmask([None], model.config.vocab_size)[0]
         self._in_flight: tuple[Launched, list[Sequence]] | None = None  # a decode call not collected yet
+        self._chunking: Fill | None = None  # the last chunk run of a long prompt, while more remain
 
     def sequences(
         self,
@@ -251,10 +256,13 @@ class Scheduler:
         """Runs a prefill plan; the full blocks it wrote are registered for reuse."""
         output = self.runner.admit(plan)
         for fill in (fill for call in plan.calls for fill in call):
-            if fill.rows[0] not in output.failed:
-                self.pool.register(fill.prompt[: fill.stop], fill.tables[0])
-                for row in fill.rows:
-                    self.rows[row].prefilled = fill.final
+            if fill.rows[0] in output.failed:
+                if fill is self._chunking:
+                    self._chunking = None
+                continue
+            self.pool.register(fill.prompt[: fill.stop], fill.tables[0])
+            for row in fill.rows:
+                self.rows[row].prefilled = fill.final
         return output
 
     def _may_run_ahead(self) -> bool:
@@ -265,7 +273,7 @@ class Scheduler:
         for nothing. So only for a lone row, while nothing waits, and not under a grammar (its
         next mask needs the token before)."""
         live = [seq for seq in self.rows if seq is not None]
-        return not self.waiting and len(live) <= 1 and all(seq.constraint is None for seq in live)
+        return not self.waiting and self._chunking is None and len(live) <= 1 and all(seq.constraint is None for seq in live)
 
     def _collect(self) -> None:
         """Waits for the decode call in flight, if any, and delivers its chunks; a call whose
@@ -304,10 +312,17 @@ class Scheduler:
             return RuntimeError(f"request failed: {e}")
 
     def prefill_plan(self) -> Prefill | None:
-        """Waiting requests admitted into free rows, as prefill calls: fresh prompts grouped by
-        length bucket, and a call of its own for each prompt that reads a cached prefix
-        (attending to the blocks of the longest sequence); None when none is admitted."""
-        fills = self._admit()
+        """This step's prefill work, at most `prefill_chunk` tokens of it so that decoding rows
+        wait for no more: the next chunk of a long prompt, then waiting requests admitted into
+        free rows. As prefill calls: fresh prompts grouped by length bucket, and a call of its own
+        for each chunk and each prompt that reads a cached prefix (attending to the blocks of
+        the longest sequence); None when there is nothing to prefill."""
+        fills, budget = [], self.prefill_chunk
+        if self._chunking is not None:
+            fill, self._chunking = self._chunking, None
+            fills.append(self._chunk_of(fill, fill.stop, budget))
+            budget -= fills[0].stop - fills[0].start
+        fills += self._admit(budget)
         if not fills:
             return None
         by_shape: dict[int, list[list[Fill]]] = {}  # prompt bucket -> prefill calls of fresh prompts
@@ -325,9 +340,10 @@ class Scheduler:
         return Prefill(calls=tuple(c[0] for c in calls), shapes=tuple(c[1] for c in calls))
 
     def decode_plan(self) -> Decode | None:
-        """One decode call over every live row; None when no row is live."""
+        """One decode call over every live row (prefilled: not a long prompt still in chunks);
+        None when no row is live."""
         while True:  # a row whose grammar cannot go on fails, a preempted one waits: plan the others again
-            live = [(row, seq) for row, seq in enumerate(self.rows) if seq is not None]
+            live = [(row, seq) for row, seq in enumerate(self.rows) if seq is not None and seq.prefilled]
             if not live:
                 return None
             try:
@@ -401,14 +417,23 @@ class Scheduler:
         self.pool.release(seq.blocks)
         seq.blocks, seq.prefilled = [], False
 
-    def _admit(self) -> list[Fill]:
-        """Waiting requests into free rows, in order, while their samples fit: a row each, and
-        blocks for the prompt (its full blocks shared by the samples) with the next decode
-        call's blocks of every running row still free. A request whose grammar allows no first
-        token ends here."""
+    def _chunk_of(self, fill: Fill, start: int, budget: int) -> Fill:
+        """The piece of a prompt from `start` that fits `budget` tokens: the whole rest, or a chunk
+        (the long prompt then goes on at the next step)."""
+        piece = dataclasses.replace(fill, start=start, stop=min(start + budget, len(fill.prompt)))
+        if not piece.final:
+            self._chunking = piece
+        return piece
+
+    def _admit(self, budget: int) -> list[Fill]:
+        """Waiting requests into free rows, in order, while their samples fit and `budget`
+        prefill tokens remain: a row each, and blocks for the prompt (its full blocks shared by
+        the samples) with the next decode call's blocks of every running row still free. A
+        prompt longer than what remains is prefilled in chunks, one long prompt at a time. A
+        request whose grammar allows no first token ends here."""
         fills = []
         reserved = sum(self._wanted(seq) for seq in self.rows if seq is not None)
-        while self.waiting:
+        while self.waiting and budget > 0:
             sequences = self.waiting[0]
             if all(s.cancelled for s in sequences):  # its client left while it waited
                 self.waiting.popleft()
@@ -420,7 +445,8 @@ class Scheduler:
             shared, partial = divmod(len(context), self.pool.block_size)
             wanted = shared - len(hit) + (1 if partial else 0) * len(sequences)
             free = [row for row, s in enumerate(self.rows) if s is None]
-            if len(free) < len(sequences) or wanted + reserved > self.pool.num_free:
+            chunked = len(context) - len(hit) * self.pool.block_size > budget
+            if len(free) < len(sequences) or wanted + reserved > self.pool.num_free or (chunked and self._chunking):
                 self.pool.release(hit)
                 break
             self.waiting.popleft()
@@ -445,8 +471,10 @@ class Scheduler:
             reserved += sum(self._wanted(seq) for seq in sequences)
             settings = tuple((s.params, s.index) for s in sequences)
             tables = tuple(tuple(s.blocks) for s in sequences)
-            fills.append(Fill(tuple(context), tuple(rows), tables, settings, first.max_new - first.completion_tokens,
-                              allowed_W, generated=first.completion_tokens, start=len(hit) * self.pool.block_size))  # fmt: skip
+            fill = Fill(tuple(context), tuple(rows), tables, settings, first.max_new - first.completion_tokens, allowed_W,
+                        generated=first.completion_tokens)  # fmt: skip
+            fills.append(self._chunk_of(fill, len(hit) * self.pool.block_size, budget))
+            budget -= fills[-1].stop - fills[-1].start
         return fills
 
     def _logprobs(self, output: Output, i: int, count: int, params: SamplingParams) -> list[TokenLogprob]:
@@ -487,6 +515,7 @@ class Scheduler:
 
     def _fail_running(self, error: BaseException) -> None:
         self._in_flight = None  # its rows' sequences end here; what it produced is dropped
+        self._chunking = None
         for row, seq in enumerate(self.rows):
             if seq is not None:
                 self._free(row)

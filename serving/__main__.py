@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="prefill every prompt whole, even when an earlier one began alike (default: reuse the "
                         "cached keys and values of the longest shared prefix)")  # fmt: skip
+    parser.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
+                        help="prompt tokens prefilled per step, between decode steps: a longer prompt is prefilled in "
+                        "chunks so that decoding requests keep streaming (default 512)")  # fmt: skip
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     parser.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on accelerators, float32 on CPU")
@@ -128,7 +131,8 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    from codellama_jax import load, make_mesh, plan
+    from codellama_jax import load, make_mesh
+    from codellama_jax.plan import kv_blocks
     from codellama_jax.engine import Engine
 
     from .app import ServerConfig, create_app
@@ -150,9 +154,10 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     interactive = sys.stderr.isatty()  # progress bars for people, plain log lines for log files
     model = load(path, dtype=args.dtype, mesh=mesh, quantize=args.quantize, scan_layers=args.scan_layers,
                  progress=interactive)
-    num_blocks = None if args.kv_cache_memory is None else plan.kv_blocks(model, args.kv_cache_memory, args.block_size)
+    num_blocks = None if args.kv_cache_memory is None else kv_blocks(model, args.kv_cache_memory, args.block_size)
     engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue,
-                    num_blocks=num_blocks, block_size=args.block_size, prefix_caching=args.prefix_caching)  # fmt: skip
+                    num_blocks=num_blocks, block_size=args.block_size, prefix_caching=args.prefix_caching,
+                    prefill_chunk=args.prefill_chunk)  # fmt: skip
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     config = ServerConfig(args.served_model_name or served_name(path), (args.price_input, args.price_output), keys,
                           allowed_origins=origins)  # fmt: skip

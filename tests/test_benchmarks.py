@@ -13,8 +13,14 @@ from conftest import KEY, NAME, REPO, running_server, write_hf_checkpoint
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, sp_dir):
-    return write_hf_checkpoint(tmp_path_factory.mktemp("bench") / "tiny", sp_dir, num_key_value_heads=2,
-                               max_position_embeddings=1024)  # room for the chat workload's conversations
+    return write_hf_checkpoint(tmp_path_factory.mktemp("bench") / "tiny", sp_dir, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_long(tmp_path_factory, sp_dir):
+    """Room for the chat workload's conversations (the others keep 128 tokens: fewer shapes)."""
+    return write_hf_checkpoint(tmp_path_factory.mktemp("bench") / "tiny_long", sp_dir, num_key_value_heads=2,
+                               max_position_embeddings=512)
 
 
 def _run(*args: str) -> str:
@@ -35,13 +41,13 @@ def test_structured_benchmark(tiny):
     assert len([line for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])]) == 2, out
 
 
-def test_serve_benchmark(tiny):
+def test_serve_benchmark(tiny_long):
     from codellama_jax import load
 
-    with running_server(load(tiny), max_batch=2) as (url, _, _):  # compared with itself, and with the library
+    with running_server(load(tiny_long), max_batch=2) as (url, _, _):  # compared with itself, and with the library
         out = _run("benchmarks/serve.py", "--url", url, "--api-key", KEY, "--model", NAME, "--clients", "1", "2",
                    "--seconds", "2", "--max-tokens", "4", "--against", url, "--against-key", KEY,
-                   "--against-model", NAME, "--library", str(tiny), "--library-no-scan-layers")  # fmt: skip
+                   "--against-model", NAME, "--library", str(tiny_long), "--library-no-scan-layers")  # fmt: skip
         chat = _run("benchmarks/serve.py", "--url", url, "--api-key", KEY, "--model", NAME, "--clients", "2",
                     "--seconds", "4", "--max-tokens", "4", "--workload", "chat", "--turns", "2", "--system-rules", "2",
                     "--rounds", "1", "--against", url, "--against-key", KEY, "--against-model", NAME)  # fmt: skip
@@ -53,3 +59,9 @@ def test_serve_benchmark(tiny):
 def test_compile_benchmark(tiny):
     out = _run("benchmarks/compile.py", "--layers", "1", "2", "--model", str(tiny), "--restart-max-len", "64")
     assert "server start to serving" in out and len([line for line in out.splitlines() if line.endswith("x")]) == 2, out
+
+
+def test_long_prompt_benchmark(tiny):
+    out = _run("benchmarks/long_prompt.py", "--model", str(tiny), "--prompt-tokens", "60", "--rows", "2", "--chunk", "16",
+               "--max-len", "128", "--steps", "2", "--no-scan-layers")  # fmt: skip
+    assert "in chunks of 16" in out and "whole" in out and "is the same chunked and whole" in out, out

@@ -13,7 +13,7 @@ import pytest
 from codellama_jax import generate, load, sharding
 from codellama_jax.config import LlamaConfig
 from codellama_jax.engine import Engine
-from codellama_jax.plan import main, parse_bytes, plan
+from codellama_jax.plan import kv_blocks, main, parse_bytes, plan
 from codellama_jax.sampling import SamplingParams
 
 from conftest import write_hf_checkpoint
@@ -90,6 +90,18 @@ def test_70b_figures():
     # 16 devices on the model axis: the 8 kv heads are replicated, so the cache is not split
     v5e16 = plan(config, devices=16, device_memory=16 * gib, dtype="bfloat16", max_batch=8, max_len=4096)
     assert v5e16.cache_bytes == h100x8.cache_bytes * 8
+
+
+def test_the_cache_memory_flag_in_blocks(tiny_gqa_tied):
+    model = load(tiny_gqa_tied, dtype="float32")
+    block = 2 * model.config.num_layers * model.config.num_kv_heads * 16 * model.config.head_dim * 4
+    assert kv_blocks(model, "3MiB", 16) == 3 * 2**20 // block
+    with pytest.raises(ValueError, match=r"does not report device memory"):
+        kv_blocks(model, "0.5", 16)  # CPU devices
+    with pytest.raises(ValueError, match=r"a fraction of free device memory is in \(0, 1\]"):
+        kv_blocks(model, "1.5", 16)
+    with pytest.raises(ValueError, match="cannot read 'lots'"):
+        kv_blocks(model, "lots", 16)
 
 
 def test_cli(capsys):

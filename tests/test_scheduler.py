@@ -110,3 +110,62 @@ def test_cached_blocks_nobody_holds_are_evicted_oldest_first(model):
     want = generate(model, [c], temperature=0.0, max_tokens=2)[0].token_ids
     assert [t for ch in run(scheduler, [(c, params)])[0] for t in ch.token_ids] == want
     assert scheduler.pool.num_free == 8
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_a_long_prompt_is_prefilled_in_chunks_while_rows_keep_decoding(model, sampled):
+    """A 91-token prompt on a scheduler that prefills 32 tokens a step arrives while three rows
+    decode: every step still gives each decoding row its tokens, and every answer equals the
+    one prefilled whole (in chunks of 32 the prompt takes three steps; n = 2 shares its blocks)."""
+    settings = dict(temperature=0.8, top_p=0.9, seed=2, repetition_penalty=1.2) if sampled else dict(temperature=0.0)
+    long_prompt = [1, *range(100, 189), 7]
+    short = [(p, SamplingParams(max_tokens=30, **settings)) for p in PROMPTS[:3]]
+    requests = [*short, (long_prompt, SamplingParams(max_tokens=6, n=2, **settings))]
+
+    def serve(chunk: int):
+        scheduler = Scheduler(model, max_batch=8, max_len=128, block_size=8, steps_per_call=2, prefill_chunk=chunk,
+                              prefix_caching=False)  # fmt: skip
+        got = [[] for _ in range(5)]
+        for i, (prompt, params) in enumerate(short):
+            scheduler.add(scheduler.sequences(prompt, params, lambda _, i=i: got[i].append))
+        scheduler.step()  # the short ones are decoding
+        prompt, params = requests[-1]
+        scheduler.add(scheduler.sequences(prompt, params, lambda j: got[3 + j].append))
+        steps_to_first = 0
+        while not got[3]:
+            before = [len(chunks) for chunks in got[:3]]
+            scheduler.step()
+            steps_to_first += 1
+            assert all(len(chunks) > n for chunks, n in zip(got[:3], before))  # every step gave them tokens
+        while scheduler.has_work():
+            scheduler.step()
+        return [[t for c in chunks for t in c.token_ids] for chunks in got], steps_to_first
+
+    chunked, steps = serve(32)
+    whole, one_step = serve(512)
+    assert chunked == whole and (steps, one_step) == (3, 1)
+
+
+def test_a_pool_of_eight_long_slots_runs_32_short_requests_at_once(tmp_path, sp_dir):
+    """At max_len 4096, a pool the size of 8 slots of 4096 tokens holds 32 requests of 200
+    tokens at once: all 32 run, none waits (what /metrics reports), each answered as alone."""
+    from conftest import write_hf_checkpoint
+
+    long_context = load(write_hf_checkpoint(tmp_path / "hf", sp_dir, max_position_embeddings=4096), dtype="float32")
+    scheduler = Scheduler(long_context, max_batch=32, max_len=4096, num_blocks=8 * 4096 // 16)
+    prompts = [[1, *range(3 + i, 3 + i + 99)] for i in range(32)]
+    params = SamplingParams(temperature=0.0, max_tokens=100)
+    got = [[] for _ in prompts]
+    for chunks, prompt in zip(got, prompts):
+        scheduler.add(scheduler.sequences(prompt, params, lambda _, chunks=chunks: chunks.append))
+    peak = {}
+    while scheduler.has_work():
+        scheduler.step()
+        stats = scheduler.stats()
+        if stats["sequences_running"] > peak.get("sequences_running", 0):
+            peak = stats
+    assert peak["sequences_running"] == 32 and peak["sequences_waiting"] == 0 and scheduler.preemptions == 0
+    assert peak["kv_cache_blocks_used"] <= 32 * 13 + 32  # 200 tokens: 13 blocks each, and the next call's
+    for i in (0, 31):
+        want = generate(long_context, [prompts[i]], temperature=0.0, max_tokens=100)[0].token_ids
+        assert [t for c in got[i] for t in c.token_ids] == want

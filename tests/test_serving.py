@@ -550,7 +550,8 @@ def test_the_command_line_server_starts_serves_drains_and_stops(tmp_path, sp_dir
     env = {**os.environ, "CODELLAMA_API_KEYS": f"{KEY},sk-other"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "codellama_jax.serving", "--model", str(converted), "--port", str(port),
-         "--max-batch", "2", "--price-input", "1.5", "--drain-timeout", "1", "--no-scan-layers"],
+         "--max-batch", "2", "--price-input", "1.5", "--drain-timeout", "1", "--no-scan-layers",
+         "--kv-cache-memory", "10MiB"],  # 640 blocks of 16 KiB: both rows at 4096 tokens
         env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     watchdog = threading.Timer(180, proc.kill)  # a server that never gets ready fails the test, not the suite

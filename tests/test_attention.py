@@ -1,0 +1,39 @@
+"""Decode attention over the paged cache: JAX's Pallas paged-attention kernels (GPU and TPU, run
+in interpret mode here) against the reference gather-and-attend, for ragged lengths, grouped
+query heads and block tables that share blocks; and the kernel chosen per mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from codellama_jax import sharding
+from codellama_jax.attention import decode_attention, decode_kernel
+from codellama_jax.kv_cache import KVCache
+
+
+@pytest.mark.parametrize("kernel", ["gpu", "tpu"])
+def test_pallas_paged_kernels_equal_the_reference(kernel):
+    L, N, K, H, M, Z = 2, 8, 2, 64, 12, 16  # four query heads per kv head
+    rng = np.random.default_rng(0)
+
+    def values(*shape):  # float32 that bfloat16 holds exactly: TPU's interpreter multiplies as a TPU does, in bfloat16
+        return jnp.asarray(rng.normal(size=shape), jnp.bfloat16).astype(jnp.float32)
+
+    cache = KVCache(values(L, K, M, Z, H), values(L, K, M, Z, H))
+    q_BNH = values(4, N, H)
+    # rows 0 and 3 share their first two blocks (a cached prefix); 12 is no block (past the length)
+    table_BJ = jnp.asarray(np.array([[3, 7, 1, 0], [5, 2, 12, 12], [9, 11, 4, 6], [3, 7, 8, 12]], np.int32))
+    lengths_B = jnp.asarray(np.array([40, 17, 64, 33], np.int32))
+    want = decode_attention(q_BNH, cache, 1, table_BJ, lengths_B)
+    got = decode_attention(q_BNH, cache, 1, table_BJ, lengths_B, kernel=kernel, interpret=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+    assert not np.allclose(np.asarray(got)[0], np.asarray(got)[3])  # shared blocks, different lengths and queries
+
+
+def test_the_kernel_follows_the_backend_of_a_one_device_mesh():
+    assert decode_kernel(sharding.single_device_mesh()) == "reference"  # CPU: no kernel
+    assert decode_kernel(sharding.make_mesh((1, 2), jax.devices()[:2])) == "reference"
+    with pytest.raises(ValueError, match="unknown decode attention kernel"):
+        decode_attention(jnp.zeros((1, 2, 4)), KVCache(jnp.zeros((1, 1, 2, 4, 4)), jnp.zeros((1, 1, 2, 4, 4))), 0,
+                         jnp.zeros((1, 1), jnp.int32), jnp.ones(1, jnp.int32), kernel="cuda")  # fmt: skip
