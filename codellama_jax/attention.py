@@ -40,11 +40,20 @@ class AttentionMeta:
     kernel: str = dataclasses.field(default="reference", metadata=dict(static=True))
 
 
-def decode_kernel(mesh: jax.sharding.Mesh) -> str:
+def decode_kernel(mesh: jax.sharding.Mesh, block_size: int, head_dim: int) -> str:
     """The decode attention for a mesh: JAX's Pallas kernel of its backend ("gpu", "tpu") on one
-    device, else the reference (the kernels are not yet wrapped to run per shard)."""
+    device, else the reference (the kernels are not yet wrapped to run per shard). The GPU
+    kernel's loads must be powers of two: blocks of at least 16 positions, and such a head dim."""
     platform = mesh.devices.flat[0].platform
-    return platform if mesh.size == 1 and platform in ("gpu", "tpu") else "reference"
+    if mesh.size > 1 or platform not in ("gpu", "tpu"):
+        return "reference"
+    if platform == "gpu" and not (block_size >= 16 and _power_of_two(block_size) and _power_of_two(head_dim)):
+        return "reference"
+    return platform
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:

@@ -76,6 +76,8 @@ class BlockPool:
         """One holder less for each of `blocks`; a block nobody holds is free, or idle when it is
         registered (the last blocks of a sequence first: a shorter prefix is likelier reused)."""
         for block in reversed(blocks):
+            if self._holders[block] < 1:
+                raise RuntimeError(f"block {block} released more often than it was held")
             self._holders[block] -= 1
             if self._holders[block] == 0:
                 if block in self._digest:

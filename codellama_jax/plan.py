@@ -181,16 +181,19 @@ def parse_bytes(text: str) -> int:
 
 
 def kv_blocks(model, memory: str, block_size: int) -> int:
-    """Cache blocks of `block_size` positions in `memory`: bytes ('24GiB') on each device, or a
-    fraction ('0.5') of the memory the least free device has left (once the weights are loaded)."""
+    """Cache blocks of `block_size` positions in `memory`: bytes ('24GiB', or a plain number of
+    at least 1) on each device, or a fraction below 1 ('0.5') of the memory the least free device
+    has left (once the weights are loaded; the rest of the runner's state and its working memory
+    come out of what remains)."""
+    if block_size < 1:
+        raise ValueError(f"block size {block_size}: a block holds at least one position")
     per_block = runner.block_bytes(model.config, model.mesh, block_size, model.module.dtype)
     try:
         fraction = float(memory)
     except ValueError:
+        fraction = 1.0
+    if not 0 < fraction < 1:
         return parse_bytes(memory) // per_block
-    if not 0 < fraction <= 1:
-        raise ValueError(f"--kv-cache-memory {memory!r}: a fraction of free device memory is in (0, 1]; "
-                         "or give bytes, e.g. 24GiB")  # fmt: skip
     stats = [device.memory_stats() for device in model.mesh.devices.flat]
     if any(s is None or "bytes_limit" not in s for s in stats):
         raise ValueError(f"--kv-cache-memory {memory!r}: this backend ({jax.default_backend()}) does not report "

@@ -322,7 +322,7 @@ def _jitted(graphdef, config, max_batch: int, num_blocks: int, block_size: int, 
                       out_shardings=(shardings, replicated))  # fmt: skip
     first = jax.jit(functools.partial(_first, min(MAX_TOP_LOGPROBS, config.vocab_size)), donate_argnums=(0,),
                     out_shardings=(shardings, replicated))  # fmt: skip
-    kernel = decode_kernel(shardings.next_B.mesh)
+    kernel = decode_kernel(shardings.next_B.mesh, block_size, config.head_dim)
     decode = jax.jit(functools.partial(_decode, graphdef, kernel), static_argnums=(0, 1), donate_argnums=(3,),
                      out_shardings=(shardings, replicated))  # fmt: skip
     return empty, prefill, first, decode

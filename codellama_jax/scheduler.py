@@ -166,6 +166,7 @@ class Scheduler:
         self.prefix_queried_tokens = self.prefix_hit_tokens = 0  # prompt tokens looked up in the prefix cache, found
         self._admissions = 0
         self.waiting: collections.deque[list[Sequence]] = collections.deque()
+        self.resuming: collections.deque[list[Sequence]] = collections.deque()  # preempted: admitted before `waiting`
         self.rows: list[Sequence | None] = [None] * self.max_batch
         self._stop_ids = set(model.stop_token_ids)
         self._top_k = min(MAX_TOP_LOGPROBS, model.config.vocab_size)
@@ -196,8 +197,7 @@ class Scheduler:
                 )
         if params.n > self.max_batch:
             raise RequestError(f"n={params.n} exceeds the server's {self.max_batch} decode slots", param="n")
-        shared, partial = divmod(len(prompt_ids), self.pool.block_size)
-        if shared + params.n * (partial > 0) > self.pool.num_blocks:
+        if self._blocks_to_admit(len(prompt_ids), params.n) > self.pool.num_blocks:
             raise RequestError(f"n={params.n} samples of a {len(prompt_ids)}-token prompt need more than the "
                                f"server's {self.pool.num_blocks} KV cache blocks", param="n")  # fmt: skip
         vocab = self.model.config.vocab_size
@@ -228,11 +228,12 @@ class Scheduler:
         pool = self.pool
         return {"kv_cache_blocks": pool.num_blocks, "kv_cache_blocks_used": pool.num_blocks - pool.num_free,
                 "kv_cache_blocks_free": pool.num_free, "sequences_running": self.busy_rows,
-                "sequences_waiting": sum(len(group) for group in list(self.waiting)), "preemptions": self.preemptions,
+                "sequences_waiting": sum(len(group) for queue in (self.resuming, self.waiting) for group in list(queue)),
+                "preemptions": self.preemptions,
                 "prefix_cache_queried_tokens": self.prefix_queried_tokens, "prefix_cache_hit_tokens": self.prefix_hit_tokens}  # fmt: skip
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or self.busy_rows > 0 or self._in_flight is not None
+        return bool(self.waiting or self.resuming) or self.busy_rows > 0 or self._in_flight is not None
 
     def step(self) -> None:
         """Admits what fits (their first tokens come from the prefill and are delivered at once),
@@ -273,7 +274,8 @@ class Scheduler:
         for nothing. So only for a lone row, while nothing waits, and not under a grammar (its
         next mask needs the token before)."""
         live = [seq for seq in self.rows if seq is not None]
-        return not self.waiting and self._chunking is None and len(live) <= 1 and all(seq.constraint is None for seq in live)
+        return (not self.waiting and not self.resuming and self._chunking is None and len(live) <= 1
+                and all(seq.constraint is None for seq in live))  # fmt: skip
 
     def _collect(self) -> None:
         """Waits for the decode call in flight, if any, and delivers its chunks; a call whose
@@ -401,11 +403,12 @@ class Scheduler:
         return True
 
     def _preempt(self, row: int, seq: Sequence) -> None:
-        """Frees a running sequence's row and blocks; it waits first in line to be prefilled again
-        with its prompt and what it has produced so far."""
+        """Frees a running sequence's row and blocks; it waits first in line (before new requests,
+        and still running for a drain) to be prefilled again with its prompt and what it has
+        produced so far."""
         log.info("preempting a sequence of %d tokens: the KV cache is full", len(seq.prompt_ids) + seq.completion_tokens)
         self._free(row)
-        self.waiting.appendleft([seq])
+        self.resuming.appendleft([seq])
         self.preemptions += 1
 
     def _free(self, row: int) -> None:
@@ -425,6 +428,13 @@ class Scheduler:
             self._chunking = piece
         return piece
 
+    def _blocks_to_admit(self, length: int, samples: int) -> int:
+        """Blocks that `samples` samples of a `length`-token prompt hold after their first decode
+        call: the prompt's full blocks once, and the rest for each sample."""
+        shared = length // self.pool.block_size
+        first_call = self.pool.blocks_for(min(length + 1 + self.steps_per_call, self.max_len))
+        return shared + (first_call - shared) * samples
+
     def _admit(self, budget: int) -> list[Fill]:
         """Waiting requests into free rows, in order, while their samples fit and `budget`
         prefill tokens remain: a row each, and blocks for the prompt (its full blocks shared by
@@ -433,25 +443,24 @@ class Scheduler:
         request whose grammar allows no first token ends here."""
         fills = []
         reserved = sum(self._wanted(seq) for seq in self.rows if seq is not None)
-        while self.waiting and budget > 0:
-            sequences = self.waiting[0]
+        while (self.resuming or self.waiting) and budget > 0:
+            queue = self.resuming or self.waiting
+            sequences = queue[0]
             if all(s.cancelled for s in sequences):  # its client left while it waited
-                self.waiting.popleft()
+                queue.popleft()
                 continue
             first = sequences[0]
             context = first.context  # a preempted sequence: what it had produced too
             hit = self.pool.cached_prefix(context)
             self.pool.share(hit)  # held before counting what is free: an idle cached block counts as free
             shared, partial = divmod(len(context), self.pool.block_size)
-            wanted = shared - len(hit) + (1 if partial else 0) * len(sequences)
+            wanted = self._blocks_to_admit(len(context), len(sequences)) - len(hit)
             free = [row for row, s in enumerate(self.rows) if s is None]
             chunked = len(context) - len(hit) * self.pool.block_size > budget
             if len(free) < len(sequences) or wanted + reserved > self.pool.num_free or (chunked and self._chunking):
                 self.pool.release(hit)
                 break
-            self.waiting.popleft()
-            self.prefix_queried_tokens += len(context)
-            self.prefix_hit_tokens += len(hit) * self.pool.block_size
+            queue.popleft()
             try:  # every sample's grammar starts alike
                 allowed_W = structured.fill_bitmask([first.constraint], self.model.config.vocab_size)[0]
             except structured.ConstraintError as e:
@@ -459,6 +468,8 @@ class Scheduler:
                 for seq in sequences:
                     seq.deliver(e.errors[0])
                 continue
+            self.prefix_queried_tokens += len(context)
+            self.prefix_hit_tokens += len(hit) * self.pool.block_size
             rows = free[: len(sequences)]
             full = hit + self.pool.allocate(shared - len(hit))
             for row, seq in zip(rows, sequences):
@@ -514,8 +525,12 @@ class Scheduler:
         self.pool.reset()
 
     def _fail_running(self, error: BaseException) -> None:
+        """Ends every sequence admitted (running, or preempted and waiting to resume)."""
         self._in_flight = None  # its rows' sequences end here; what it produced is dropped
         self._chunking = None
+        while self.resuming:
+            for seq in self.resuming.popleft():
+                seq.deliver(error)
         for row, seq in enumerate(self.rows):
             if seq is not None:
                 self._free(row)

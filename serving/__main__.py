@@ -68,7 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--allowed-origins", default="", metavar="ORIGINS",
                         help="comma-separated browser origins (e.g. https://app.example.com, or *) allowed to call the "
                         "API from a web page (CORS); default: none")  # fmt: skip
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag in ("max_batch", "block_size", "prefill_chunk"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    return args
 
 
 def claim(host: str, port: int) -> socket.socket:

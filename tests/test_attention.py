@@ -2,6 +2,8 @@
 in interpret mode here) against the reference gather-and-attend, for ragged lengths, grouped
 query heads and block tables that share blocks; and the kernel chosen per mesh."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,8 +34,15 @@ def test_pallas_paged_kernels_equal_the_reference(kernel):
 
 
 def test_the_kernel_follows_the_backend_of_a_one_device_mesh():
-    assert decode_kernel(sharding.single_device_mesh()) == "reference"  # CPU: no kernel
-    assert decode_kernel(sharding.make_mesh((1, 2), jax.devices()[:2])) == "reference"
+    assert decode_kernel(sharding.single_device_mesh(), 16, 128) == "reference"  # CPU: no kernel
+    assert decode_kernel(sharding.make_mesh((1, 2), jax.devices()[:2]), 16, 128) == "reference"
+
+    def one(platform):  # a one-device mesh of another backend, as decode_kernel reads it
+        return types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform=platform)]), size=1)
+
+    assert decode_kernel(one("gpu"), 16, 128) == "gpu" and decode_kernel(one("tpu"), 12, 128) == "tpu"
+    # the GPU kernel's loads are powers of two of at least 16 positions
+    assert {decode_kernel(one("gpu"), z, h) for z, h in ((12, 128), (8, 128), (16, 96))} == {"reference"}
     with pytest.raises(ValueError, match="unknown decode attention kernel"):
         decode_attention(jnp.zeros((1, 2, 4)), KVCache(jnp.zeros((1, 1, 2, 4, 4)), jnp.zeros((1, 1, 2, 4, 4))), 0,
                          jnp.zeros((1, 1), jnp.int32), jnp.ones(1, jnp.int32), kernel="cuda")  # fmt: skip

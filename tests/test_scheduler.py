@@ -33,13 +33,23 @@ def run(scheduler: Scheduler, requests) -> list[list]:
 def test_more_work_than_blocks_preempts_and_every_request_is_answered_as_alone(model, sampled):
     """Four requests of up to 49 tokens on a cache of one 64-token sequence: rows run out of
     blocks mid-answer, are preempted and prefilled again with what they had produced; the
-    client sees nothing of it."""
+    client sees nothing of it, even when the server drains meanwhile."""
     settings = dict(temperature=0.8, top_p=0.9, seed=5, frequency_penalty=0.5) if sampled else dict(temperature=0.0)
     requests = [(p, SamplingParams(max_tokens=40, **settings)) for p in PROMPTS]
     alone = [generate(model, [p], **params.__dict__)[0].token_ids for p, params in requests]
     scheduler = Scheduler(model, max_batch=4, max_len=64, num_blocks=16, block_size=4, steps_per_call=4)
+    drained = []
+    original_step = scheduler.step
+
+    def step():  # a drain meanwhile fails what waits for a row, not the preempted (mid-answer)
+        original_step()
+        if scheduler.resuming:
+            drained.append(scheduler.stats()["sequences_waiting"])
+            scheduler.fail_waiting(RuntimeError("draining"))
+
+    scheduler.step = step
     got = run(scheduler, requests)
-    assert scheduler.preemptions > 0
+    assert scheduler.preemptions > 0 and drained and min(drained) >= 1
     for chunks, want in zip(got, alone):
         assert [t for c in chunks for t in c.token_ids] == want
         assert chunks[-1].finish_reason is not None and chunks[-1].completion_tokens == len(want)
