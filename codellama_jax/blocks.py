@@ -21,6 +21,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from codellama_jax import kv_cache
+
 
 class BlockPool:
     """`num_blocks` blocks of `block_size` positions each; `prefix_caching` off: nothing is
@@ -47,7 +49,7 @@ class BlockPool:
 
     def blocks_for(self, positions: int) -> int:
         """Blocks that hold `positions` positions."""
-        return -(-positions // self.block_size)
+        return kv_cache.blocks_for(positions, self.block_size)
 
     def allocate(self, count: int) -> list[int]:
         """`count` blocks, now held once each: free ones first, then the registered blocks

@@ -61,7 +61,9 @@ def prompts_per_call(T: int, max_batch: int, max_len: int) -> int:
     return 1 << (fit.bit_length() - 1)
 
 
-def prefill_shapes(max_batch: int, max_len: int, cached_blocks: int = 0, chunk: int | None = None) -> list[tuple[int, int, int]]:
+def prefill_shapes(
+    max_batch: int, max_len: int, cached_blocks: int = 0, chunk: int | None = None
+) -> list[tuple[int, int, int]]:
     """Every (prompts, prompt length, blocks attended) a prefill call can have, no call running
     more than `chunk` tokens of a prompt: fresh prompts attend to themselves (0 blocks); with
     `cached_blocks`, one prompt at a time also runs after a cached prefix or an earlier chunk,
@@ -101,9 +103,8 @@ def warm_up(scheduler, stop: Callable[[], bool] = lambda: False) -> float:
     start = time.perf_counter()
     runner, steps = scheduler.runner, scheduler.steps_per_call
     top_k = min(MAX_TOP_LOGPROBS, scheduler.model.config.vocab_size)
-    pool, chunk = scheduler.pool, scheduler.prefill_chunk
-    cached = pool.blocks_for(scheduler.max_len) if pool.prefix_caching or chunk < scheduler.max_len else 0
-    prefills = prefill_shapes(scheduler.max_batch, scheduler.max_len, cached, chunk)
+    prefills = prefill_shapes(scheduler.max_batch, scheduler.max_len, scheduler.cached_prefill_blocks,
+                              scheduler.prefill_chunk)  # fmt: skip
     compiles = [functools.partial(runner.compile_prefill, P, T, J) for P, T, J in prefills]
     compiles += [functools.partial(runner.compile_first, P) for P in sorted({P for P, _, _ in prefills})]
     compiles += [functools.partial(runner.compile_decode, b, W, steps, k)

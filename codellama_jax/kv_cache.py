@@ -23,6 +23,11 @@ from codellama_jax.config import LlamaConfig
 AXES = ("layers", "kv_heads", "blocks", "block", "head_dim")
 
 
+def blocks_for(positions: int, block_size: int) -> int:
+    """Blocks of `block_size` positions that hold `positions` positions."""
+    return -(-positions // block_size)
+
+
 class KVCache(NamedTuple):
     k_LKMZH: jax.Array
     v_LKMZH: jax.Array

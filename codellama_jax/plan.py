@@ -27,6 +27,7 @@ from flax import nnx
 from codellama_jax import runner, sharding
 from codellama_jax.checkpoint import DTYPES
 from codellama_jax.config import PRESETS, LlamaConfig
+from codellama_jax.kv_cache import blocks_for
 from codellama_jax.model import abstract_model
 
 WEIGHT_DTYPES = (*DTYPES, "int8")  # int8: int8 weights, bfloat16 compute
@@ -52,18 +53,14 @@ class Plan:
     work_bytes: int  # that state and one prefill's activations (an estimate)
     largest_batch: int  # at max_len; 0 when not even one row fits
     block_size: int
+    block_bytes: int  # one cache block, every layer's keys and values, on the fullest device
     kv_blocks: int  # cache blocks that fit beside the weights and the working memory of max_batch rows
     seq_len: int  # the length of a typical conversation, for the paged figures
 
     @property
     def sequences(self) -> int:
         """Conversations of `seq_len` tokens the paged cache holds at once (rows permitting)."""
-        return self.kv_blocks // -(-self.seq_len // self.block_size)
-
-    @property
-    def max_blocks(self) -> int:
-        """Blocks of the cache sized for every row at max_len (`cache_bytes`)."""
-        return self.max_batch * -(-self.max_len // self.block_size)
+        return self.kv_blocks // blocks_for(self.seq_len, self.block_size)
 
     @property
     def total_bytes(self) -> int:
@@ -88,7 +85,7 @@ class Plan:
             f"({self.usable:.0%}): {'fits' if self.fits else 'does NOT fit'}",
             f"  largest batch that fits at {self.max_len} tokens: {self.largest_batch}",
             f"  paged KV cache: {self.kv_blocks} blocks of {self.block_size} tokens fit beside the weights and the "
-            f"working memory of {self.max_batch} rows ({_gib(self.kv_blocks * self.cache_bytes / self.max_blocks)})",
+            f"working memory of {self.max_batch} rows ({_gib(self.kv_blocks * self.block_bytes)})",
             f"  concurrent {self.seq_len}-token conversations: {self.sequences} in those blocks (rows: --max-batch "
             f"{self.max_batch}), {self.largest_batch} when every row reserves {self.max_len} tokens",
         ]
@@ -129,7 +126,7 @@ def plan(
     weights = _weight_bytes(config, mesh, compute, quant)
 
     def need(batch: int) -> tuple[int, int]:
-        cache, state = runner.state_bytes(config, mesh, batch, batch * -(-max_len // block_size), block_size, compute)
+        cache, state = runner.state_bytes(config, mesh, batch, batch * blocks_for(max_len, block_size), block_size, compute)
         return cache, state + _prefill_bytes(config, mesh, max_len, compute)
 
     budget = usable * device_memory
@@ -142,10 +139,11 @@ def plan(
             largest += step
     cache, work = need(max_batch)
     state = work - _prefill_bytes(config, mesh, max_len, compute)
-    kv_blocks = max(0, int(budget - weights - work) // runner.block_bytes(config, mesh, block_size, compute))
+    block = runner.block_bytes(config, mesh, block_size, compute)
+    kv_blocks = max(0, int(budget - weights - work) // block)
     return Plan(
         config, mesh_shape, device_memory, dtype, np.dtype(compute).name, max_batch, max_len, usable,
-        weights, cache, state, work, largest, block_size, kv_blocks, seq_len,
+        weights, cache, state, work, largest, block_size, block, kv_blocks, seq_len,
     )  # fmt: skip
 
 
@@ -190,9 +188,9 @@ def kv_blocks(model, memory: str, block_size: int) -> int:
     per_block = runner.block_bytes(model.config, model.mesh, block_size, model.module.dtype)
     try:
         fraction = float(memory)
-    except ValueError:
-        fraction = 1.0
-    if not 0 < fraction < 1:
+    except ValueError:  # a size with a unit
+        fraction = None
+    if fraction is None or not 0 < fraction < 1:
         return parse_bytes(memory) // per_block
     stats = [device.memory_stats() for device in model.mesh.devices.flat]
     if any(s is None or "bytes_limit" not in s for s in stats):

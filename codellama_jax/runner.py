@@ -30,7 +30,7 @@ from flax import nnx
 from codellama_jax import sharding, structured
 from codellama_jax.attention import AttentionMeta, decode_kernel
 from codellama_jax.kv_cache import AXES as CACHE_AXES
-from codellama_jax.kv_cache import KVCache
+from codellama_jax.kv_cache import KVCache, blocks_for
 from codellama_jax.loader import Model
 from codellama_jax.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingParams, sample
 
@@ -251,7 +251,7 @@ class Runner:
         A = P * max((len(f.rows) for f in fills), default=1)
         tokens_PT, start_P, last_P = np.zeros((P, T), np.int32), np.zeros(P, np.int32), np.zeros(P, np.int32)
         seen_PV, counts_PV = np.zeros((P, V), bool), np.zeros((P, V), np.int32)
-        table_PJ = np.full((P, J or -(-T // self.block_size)), M, np.int32)  # M: no block (a padding prompt)
+        table_PJ = np.full((P, J or blocks_for(T, self.block_size)), M, np.int32)  # M: no block (a padding prompt)
         rows_A, prompt_A, max_new_A = np.full(A, B, np.int32), np.zeros(A, np.int32), np.zeros(A, np.int32)
         src_A, dst_A = np.zeros(A, np.int32), np.full(A, M, np.int32)  # a block some sample holds alone
         allowed_AW = structured.fill_bitmask([None] * A, V)
@@ -282,13 +282,9 @@ class Runner:
         (warm-up); returns the compiled program (for its memory analysis)."""
         m = self.model
         free_bW = structured.fill_bitmask([None] * b, m.config.vocab_size)
-        tables_bJ = np.full((b, self.blocks_for(window)), self.num_blocks, np.int32)
+        tables_bJ = np.full((b, blocks_for(window, self.block_size)), self.num_blocks, np.int32)
         args = self._put((np.full(b, self.max_batch, np.int32), free_bW, tables_bJ, np.int32(steps)))
         return self._decode.lower(steps, top_k, m.params, self.state, self.stop_ids, *args).compile()
-
-    def blocks_for(self, positions: int) -> int:
-        """Blocks that hold `positions` positions."""
-        return -(-positions // self.block_size)
 
     def launch(self, plan: Decode) -> Launched:
         """Dispatches a decode call of up to `plan.max_steps` tokens for each of the plan's rows,

@@ -26,6 +26,7 @@ import numpy as np
 
 from codellama_jax import buckets, structured, tools
 from codellama_jax.blocks import BlockPool
+from codellama_jax.kv_cache import blocks_for
 from codellama_jax.errors import ContextLengthExceeded, RequestError
 from codellama_jax.loader import Model
 from codellama_jax.runner import Decode, Fill, Launched, Output, Prefill, Runner
@@ -155,7 +156,7 @@ class Scheduler:
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.steps_per_call = steps_per_call
         self.prefill_chunk = prefill_chunk
-        per_sequence = -(-self.max_len // block_size)
+        per_sequence = blocks_for(self.max_len, block_size)
         num_blocks = max_batch * per_sequence if num_blocks is None else num_blocks
         if num_blocks < per_sequence:
             raise ValueError(f"{num_blocks} cache blocks of {block_size} positions cannot hold one sequence of "
@@ -336,10 +337,17 @@ class Scheduler:
                     groups.append([])
                 groups[-1].append(fill)
         calls = [(tuple(g), (buckets.rows_bucket(len(g), self.max_batch), T, 0)) for T, gs in by_shape.items() for g in gs]
-        J = self.pool.blocks_for(self.max_len)
-        calls += [((fill,), (1, buckets.prompt_bucket(len(fill.prompt[fill.start : fill.stop]), self.max_len), J))
+        calls += [((fill,), (1, buckets.prompt_bucket(fill.stop - fill.start, self.max_len), self.cached_prefill_blocks))
                   for fill in fills if fill.start > 0 or not fill.final]  # fmt: skip
         return Prefill(calls=tuple(c[0] for c in calls), shapes=tuple(c[1] for c in calls))
+
+    @property
+    def cached_prefill_blocks(self) -> int:
+        """Blocks a prefill call of a prompt's later part (after a cached prefix, or a chunk)
+        attends to: those of a whole `max_len` sequence, one shape per length; 0 when this
+        scheduler never makes such calls (no prefix caching, no prompt long enough to chunk)."""
+        cached = self.pool.prefix_caching or self.prefill_chunk < self.max_len
+        return self.pool.blocks_for(self.max_len) if cached else 0
 
     def decode_plan(self) -> Decode | None:
         """One decode call over every live row (prefilled: not a long prompt still in chunks);
@@ -362,7 +370,7 @@ class Scheduler:
         allowed_bW = np.tile(self._free_mask, (b, 1))
         allowed_bW[: len(live)] = allowed
         window = buckets.window_bucket(max(self._positions_after_call(seq) for _, seq in live), self.max_len)
-        tables_bJ = np.full((b, self.runner.blocks_for(window)), self.pool.num_blocks, np.int32)
+        tables_bJ = np.full((b, self.pool.blocks_for(window)), self.pool.num_blocks, np.int32)
         for i, (_, seq) in enumerate(live):
             tables_bJ[i, : len(seq.blocks)] = seq.blocks
         return Decode(
