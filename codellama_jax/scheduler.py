@@ -55,6 +55,7 @@ class Chunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 class Sequence:
@@ -71,6 +72,7 @@ class Sequence:
         self.blocks: list[int] = []  # its block table: the KV cache blocks of its positions, in order
         self.prefilled = False  # its prompt's keys and values are in its blocks
         self.admitted = 0  # when it was last admitted (preemption takes the latest first)
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache when it was first admitted
 
     @property
     def context(self) -> list[int]:
@@ -117,7 +119,7 @@ class Sequence:
         if not (new_ids or text or reason):
             return None
         return Chunk(text, new_ids, kept_logprobs if self.params.logprobs else None, reason,
-                     len(self.prompt_ids), self.completion_tokens)  # fmt: skip
+                     len(self.prompt_ids), self.completion_tokens, self.cached_tokens)  # fmt: skip
 
 
 def max_new_tokens(model: Model, prompt_len: int, max_tokens: int | None) -> int:
@@ -482,6 +484,8 @@ class Scheduler:
             full = hit + self.pool.allocate(shared - len(hit))
             for row, seq in zip(rows, sequences):
                 self.rows[row] = seq
+                if not seq.admitted:  # a resumed sequence's usage keeps what its request found
+                    seq.cached_tokens = len(hit) * self.pool.block_size
                 self._admissions += 1
                 seq.admitted = self._admissions
                 seq.blocks = full + self.pool.allocate(1 if partial else 0)

@@ -213,6 +213,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             for h in handles:
                 h.cancel()
         completion_tokens = sum(chunks[-1].completion_tokens for chunks in results)
+        cached_tokens = sum(chunks[-1].cached_tokens for chunks in results[:: body.n])  # a prompt's samples share it
         record(body, prompt_tokens, completion_tokens, start, kind)
         if kind == "chat":
             choices = [
@@ -230,7 +231,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             "id": protocol.new_id("chatcmpl" if kind == "chat" else "cmpl"),
             "object": "chat.completion" if kind == "chat" else "text_completion",
             "created": protocol.now(), "model": config.served_model_name, "choices": choices,
-            "usage": protocol.usage(prompt_tokens, completion_tokens, config.prices),
+            "usage": protocol.usage(prompt_tokens, completion_tokens, cached_tokens, config.prices),
         }), content_type="application/json")  # fmt: skip
 
     async def collect(handle: Handle, start: float) -> list[Chunk]:
@@ -267,7 +268,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             return out
 
         async def events() -> AsyncIterator[str]:
-            completion_tokens = [0] * len(handles)
+            completion_tokens, cached_tokens = [0] * len(handles), [0] * len(handles)
             try:
                 if kind == "chat":
                     for i in range(len(handles)):
@@ -284,7 +285,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
                                                     param=chunk.param if refused else None)  # fmt: skip
                         yield f"data: {json.dumps(error)}\n\n"
                         break
-                    completion_tokens[index] = chunk.completion_tokens
+                    completion_tokens[index], cached_tokens[index] = chunk.completion_tokens, chunk.cached_tokens
                     text, calls, reason, parser = chunk.text, [], chunk.finish_reason, parsers[index]
                     if parser is not None:  # a tools answer: content and call deltas
                         text, calls = parser.push(text)
@@ -297,7 +298,8 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
                     if reason:  # its own last event, with an empty delta
                         yield event(pieces(index, reason=reason))
                 if body.include_usage:
-                    yield event([], usage=protocol.usage(prompt_tokens, sum(completion_tokens), config.prices))
+                    usage = protocol.usage(prompt_tokens, sum(completion_tokens), sum(cached_tokens[:: body.n]), config.prices)
+                    yield event([], usage=usage)
                 yield "data: [DONE]\n\n"
                 record(body, prompt_tokens, sum(completion_tokens), start, kind)
             finally:  # also when the client goes away: the slots are freed at the next step

@@ -240,13 +240,15 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int, prices: tuple[float, float]) -> dict:
-    """Token counts and the cost at (input, output) prices per million tokens."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, prices: tuple[float, float]) -> dict:
+    """Token counts, with the prompt tokens the prefix cache served, and the cost at (input,
+    output) prices per million tokens."""
     cost = (prompt_tokens * prices[0] + completion_tokens * prices[1]) / 1e6
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
         "estimated_cost": round(cost, 10),
     }
 

@@ -99,12 +99,15 @@ def test_a_cached_prefix_is_reused_and_answers_equal_those_without(model, sample
         later = run(scheduler, [(p, params) for p in prompts[1:]])
         answer = [t for c in first for t in c.token_ids]
         turn = run(scheduler, [(prompts[0] + answer + [5, 6], params)])
-        return [[t for c in chunks for t in c.token_ids] for chunks in [first, *later, *turn]], scheduler
+        answers = [first, *later, *turn]
+        return [[t for c in chunks for t in c.token_ids] for chunks in answers], [c[-1].cached_tokens for c in answers], scheduler
 
-    cached, with_cache = serve(True)
-    assert cached == serve(False)[0]
+    cached, reported, with_cache = serve(True)
+    uncached, nothing, _ = serve(False)
+    assert cached == uncached
     hits = with_cache.prefix_hit_tokens
     assert hits == 40 + 40 + 48  # 5 blocks of the shared start twice; the second turn 6: one holds answer tokens
+    assert reported == [0, 40, 40, 48] and nothing == [0, 0, 0, 0]  # what each request's usage says
     assert with_cache.prefix_queried_tokens == sum(len(p) for p in prompts) + len(prompts[0]) + 12 + 2
 
 

@@ -83,6 +83,21 @@ def test_streaming_equals_non_streaming_with_usage(client):
     assert len({c.id for c in chunks}) == 1
 
 
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_served(client, server):
+    """The same prompt again is served from the cache but for its last, partial block (once per
+    request, however many samples), streamed or not."""
+    block_size = server[1].scheduler.pool.block_size
+    messages = [{"role": "user", "content": "Count the blocks of this prompt, which no other test sends. " * 3}]
+    kwargs = dict(model=NAME, messages=messages, temperature=0.0, max_tokens=2)
+    first = client.chat.completions.create(**kwargs)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = (first.usage.prompt_tokens - 1) // block_size * block_size
+    assert cached > 0
+    assert client.chat.completions.create(**kwargs, n=2).usage.prompt_tokens_details.cached_tokens == cached
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+
+
 def test_n_seed_stop_and_logprobs(client, model):
     kwargs = dict(model=NAME, messages=HELLO, temperature=1.0, n=2, seed=9, max_tokens=10, logprobs=True, top_logprobs=2)
     first, again = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
@@ -267,7 +282,7 @@ def test_the_contract_examples_as_raw_http(server):
     assert body["object"] == "chat.completion" and isinstance(body["created"], int)
     choice = body["choices"][0]
     assert choice["index"] == 0 and choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
-    assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens", "estimated_cost"}
+    assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details", "estimated_cost"}
     streamed = _post(url, json.dumps({"model": NAME, "stream": True, "messages": HELLO, "max_tokens": 6}))
     assert streamed.headers["content-type"].startswith("text/event-stream")
     events = streamed.text.split("\n\n")
