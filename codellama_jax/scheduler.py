@@ -325,8 +325,15 @@ class Scheduler:
         fills, budget = [], self.prefill_chunk
         if self._chunking is not None:
             fill, self._chunking = self._chunking, None
-            fills.append(self._chunk_of(fill, fill.stop, budget))
-            budget -= fills[0].stop - fills[0].start
+            sequences = [self.rows[row] for row in fill.rows]
+            if all(seq.cancelled for seq in sequences):  # its client left: the rest is not prefilled
+                for row in fill.rows:
+                    self._free(row)
+                for seq in sequences:
+                    seq.deliver(seq.advance([], None, self._stop_ids))
+            else:
+                fills.append(self._chunk_of(fill, fill.stop, budget))
+                budget -= fills[0].stop - fills[0].start
         fills += self._admit(budget)
         if not fills:
             return None

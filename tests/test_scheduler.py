@@ -159,6 +159,24 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_rows_keep_decoding(model, sa
     assert chunked == whole and (steps, one_step) == (3, 1)
 
 
+def test_a_long_prompt_whose_client_left_is_not_prefilled_further(model):
+    """Cancelled after its first chunk, a long prompt's other chunks never run: its row and
+    blocks are free at the next step, and it ends with a stop."""
+    scheduler = Scheduler(model, max_batch=2, max_len=128, block_size=8, prefill_chunk=32, prefix_caching=False)
+    got = []
+    sequence, = scheduler.sequences([1, *range(100, 190)], SamplingParams(max_tokens=4), lambda _: got.append)
+    scheduler.add([sequence])
+    scheduler.step()
+    assert scheduler.busy_rows == 1 and scheduler.pool.num_free < scheduler.pool.num_blocks
+    prefill = scheduler.runner.admit
+    scheduler.runner.admit = lambda plan: pytest.fail("a chunk was prefilled for a client that left")
+    sequence.cancel()
+    scheduler.step()
+    scheduler.runner.admit = prefill
+    assert not scheduler.has_work() and scheduler.pool.num_free == scheduler.pool.num_blocks
+    assert [c.finish_reason for c in got] == ["stop"] and got[0].token_ids == []
+
+
 def test_a_pool_of_eight_long_slots_runs_32_short_requests_at_once(tmp_path, sp_dir):
     """At max_len 4096, a pool the size of 8 slots of 4096 tokens holds 32 requests of 200
     tokens at once: all 32 run, none waits (what /metrics reports), each answered as alone."""
