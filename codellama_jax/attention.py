@@ -40,12 +40,18 @@ class AttentionMeta:
     kernel: str = dataclasses.field(default="reference", metadata=dict(static=True))
 
 
-def decode_kernel(mesh: jax.sharding.Mesh, block_size: int, head_dim: int) -> str:
-    """The decode attention for a mesh: JAX's Pallas kernel of its backend ("gpu", "tpu") on one
-    device, else the reference (the kernels are not yet wrapped to run per shard). The GPU
-    kernel's loads must be powers of two: blocks of at least 16 positions, and such a head dim."""
+DECODE_ATTENTION = ("auto", "reference")  # what a user may ask for
+
+
+def decode_kernel(mesh: jax.sharding.Mesh, block_size: int, head_dim: int, wanted: str = "auto") -> str:
+    """The decode attention for a mesh: with `wanted` "auto", JAX's Pallas kernel of its backend
+    ("gpu", "tpu") on one device, else the reference (the kernels are not yet wrapped to run per
+    shard); "reference" always (to rule a kernel out). The GPU kernel's loads must be powers of
+    two: blocks of at least 16 positions, and such a head dim."""
+    if wanted not in DECODE_ATTENTION:
+        raise ValueError(f"unknown decode attention {wanted!r}; choose one of {', '.join(DECODE_ATTENTION)}")
     platform = mesh.devices.flat[0].platform
-    if mesh.size > 1 or platform not in ("gpu", "tpu"):
+    if wanted == "reference" or mesh.size > 1 or platform not in ("gpu", "tpu"):
         return "reference"
     if platform == "gpu" and not (block_size >= 16 and _power_of_two(block_size) and _power_of_two(head_dim)):
         return "reference"

@@ -73,13 +73,13 @@ class Engine:
 
     def __init__(self, model: Model, *, max_batch: int = 8, max_len: int | None = None, max_queue: int = 64,
                  steps_per_call: int = 4, num_blocks: int | None = None, block_size: int = 16,
-                 prefix_caching: bool = True, prefill_chunk: int = 512):  # fmt: skip
+                 prefix_caching: bool = True, prefill_chunk: int = 512, decode_attention: str = "auto"):  # fmt: skip
         if model.tokenizer is None:
             raise ValueError("the engine serves text: this checkpoint has no tokenizer")
         self.model = model
         self.scheduler = Scheduler(model, max_batch=max_batch, max_len=max_len, steps_per_call=steps_per_call,
                                    num_blocks=num_blocks, block_size=block_size, prefix_caching=prefix_caching,
-                                   prefill_chunk=prefill_chunk)  # fmt: skip
+                                   prefill_chunk=prefill_chunk, decode_attention=decode_attention)  # fmt: skip
         self.max_batch, self.max_len = self.scheduler.max_batch, self.scheduler.max_len
         self.max_queue = max_queue
         self._wake = threading.Event()

@@ -180,11 +180,12 @@ class Runner:
     """Jitted prefill and decode over `max_batch` rows and a KV cache of `num_blocks` blocks of
     `block_size` positions on `model.mesh`."""
 
-    def __init__(self, model: Model, max_batch: int, num_blocks: int, block_size: int):
+    def __init__(self, model: Model, max_batch: int, num_blocks: int, block_size: int, decode_attention: str = "auto"):
         self.model, self.max_batch, self.num_blocks, self.block_size = model, max_batch, num_blocks, block_size
         mesh, config, dtype = model.mesh, model.config, model.module.dtype
         self.shardings = state_shardings(config, mesh, max_batch, num_blocks, block_size, dtype)
-        jitted = _jitted(model.graphdef, config, max_batch, num_blocks, block_size, dtype, self.shardings)
+        self.kernel = decode_kernel(mesh, block_size, config.head_dim, decode_attention)
+        jitted = _jitted(model.graphdef, config, max_batch, num_blocks, block_size, dtype, self.shardings, self.kernel)
         self._empty, self._prefill, self._first, self._decode = jitted
         self.stop_ids = self._put(np.array(model.stop_token_ids or (-1,), np.int32))
         self.state = self._empty()
@@ -304,7 +305,7 @@ class Runner:
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted(graphdef, config, max_batch: int, num_blocks: int, block_size: int, dtype, shardings: RunnerState):
+def _jitted(graphdef, config, max_batch: int, num_blocks: int, block_size: int, dtype, shardings: RunnerState, kernel: str):
     """The runner's jitted functions for one model structure and one state shape and layout,
     shared by every runner of them (so a `generate()` call compiles nothing an earlier one did).
     The model's structure is bound here, not passed as a static argument: jit would hash it on
@@ -318,7 +319,6 @@ def _jitted(graphdef, config, max_batch: int, num_blocks: int, block_size: int, 
                       out_shardings=(shardings, replicated))  # fmt: skip
     first = jax.jit(functools.partial(_first, min(MAX_TOP_LOGPROBS, config.vocab_size)), donate_argnums=(0,),
                     out_shardings=(shardings, replicated))  # fmt: skip
-    kernel = decode_kernel(shardings.next_B.mesh, block_size, config.head_dim)
     decode = jax.jit(functools.partial(_decode, graphdef, kernel), static_argnums=(0, 1), donate_argnums=(3,),
                      out_shardings=(shardings, replicated))  # fmt: skip
     return empty, prefill, first, decode

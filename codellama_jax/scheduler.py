@@ -145,11 +145,11 @@ class Scheduler:
     (by default enough for every row at `max_len`: exactly the sizes the memory planner counts;
     at least one sequence of `max_len`), `steps_per_call` decode steps per step, at most
     `prefill_chunk` prompt tokens prefilled per step (a longer prompt is prefilled in chunks,
-    between decode calls)."""
+    between decode calls), decoding with `decode_attention` (attention.decode_kernel)."""
 
     def __init__(self, model: Model, *, max_batch: int = 8, max_len: int | None = None, steps_per_call: int = 4,
                  num_blocks: int | None = None, block_size: int = 16, prefix_caching: bool = True,
-                 prefill_chunk: int = 512):  # fmt: skip
+                 prefill_chunk: int = 512, decode_attention: str = "auto"):  # fmt: skip
         if max_batch < 1 or (max_len is not None and max_len < 2) or block_size < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch, block_size and prefill_chunk must be at least 1 and max_len at least 2, "
                              f"got {max_batch}, {block_size}, {prefill_chunk} and {max_len}")  # fmt: skip
@@ -164,7 +164,7 @@ class Scheduler:
             raise ValueError(f"{num_blocks} cache blocks of {block_size} positions cannot hold one sequence of "
                              f"max_len {self.max_len} tokens ({per_sequence} blocks)")  # fmt: skip
         self.pool = BlockPool(num_blocks, block_size, prefix_caching)
-        self.runner = Runner(model, self.max_batch, num_blocks, block_size)
+        self.runner = Runner(model, self.max_batch, num_blocks, block_size, decode_attention)
         self.preemptions = 0
         self.prefix_queried_tokens = self.prefix_hit_tokens = 0  # prompt tokens looked up in the prefix cache, found
         self._admissions = 0

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
                         help="prompt tokens prefilled per step, between decode steps: a longer prompt is prefilled in "
                         "chunks so that decoding requests keep streaming (default 512)")  # fmt: skip
+    parser.add_argument("--decode-attention", choices=["auto", "reference"], default="auto",
+                        help="decode attention over the paged cache: auto (JAX's Pallas paged-attention kernel on one "
+                        "GPU or TPU, the pure-JAX reference elsewhere) or reference (always; default auto)")  # fmt: skip
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     parser.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on accelerators, float32 on CPU")
@@ -161,7 +164,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     num_blocks = None if args.kv_cache_memory is None else kv_blocks(model, args.kv_cache_memory, args.block_size)
     engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue,
                     num_blocks=num_blocks, block_size=args.block_size, prefix_caching=args.prefix_caching,
-                    prefill_chunk=args.prefill_chunk)  # fmt: skip
+                    prefill_chunk=args.prefill_chunk, decode_attention=args.decode_attention)  # fmt: skip
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     config = ServerConfig(args.served_model_name or served_name(path), (args.price_input, args.price_output), keys,
                           allowed_origins=origins)  # fmt: skip

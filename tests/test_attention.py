@@ -43,6 +43,9 @@ def test_the_kernel_follows_the_backend_of_a_one_device_mesh():
     assert decode_kernel(one("gpu"), 16, 128) == "gpu" and decode_kernel(one("tpu"), 12, 128) == "tpu"
     # the GPU kernel's loads are powers of two of at least 16 positions
     assert {decode_kernel(one("gpu"), z, h) for z, h in ((12, 128), (8, 128), (16, 96))} == {"reference"}
+    assert decode_kernel(one("tpu"), 16, 128, "reference") == "reference"  # --decode-attention reference
+    with pytest.raises(ValueError, match="unknown decode attention 'kernel'; choose one of auto, reference"):
+        decode_kernel(one("tpu"), 16, 128, "kernel")
     with pytest.raises(ValueError, match="unknown decode attention kernel"):
         decode_attention(jnp.zeros((1, 2, 4)), KVCache(jnp.zeros((1, 1, 2, 4, 4)), jnp.zeros((1, 1, 2, 4, 4))), 0,
                          jnp.zeros((1, 1), jnp.int32), jnp.ones(1, jnp.int32), kernel="cuda")  # fmt: skip

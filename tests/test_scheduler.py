@@ -81,6 +81,8 @@ def test_a_request_the_cache_cannot_hold_is_refused(model):
     assert e.value.param == "n"
     with pytest.raises(ValueError, match="cannot hold one sequence"):
         Scheduler(model, max_batch=2, max_len=64, num_blocks=8, block_size=4)
+    with pytest.raises(ValueError, match="unknown decode attention 'pallas'"):
+        Scheduler(model, max_batch=2, max_len=64, decode_attention="pallas")
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
