@@ -54,13 +54,14 @@ class Plan:
     largest_batch: int  # at max_len; 0 when not even one row fits
     block_size: int
     block_bytes: int  # one cache block, every layer's keys and values, on the fullest device
-    kv_blocks: int  # cache blocks that fit beside the weights and the working memory of max_batch rows
     seq_len: int  # the length of a typical conversation, for the paged figures
+    paged_rows: int  # conversations of seq_len tokens that run at once, each row holding only their blocks
+    paged_blocks: int  # the cache blocks those rows need (at least one max_len sequence's)
 
     @property
-    def sequences(self) -> int:
-        """Conversations of `seq_len` tokens the paged cache holds at once (rows permitting)."""
-        return self.kv_blocks // blocks_for(self.seq_len, self.block_size)
+    def paged_memory(self) -> int:
+        """`--kv-cache-memory` for `paged_rows` rows, in whole MiB (rounded up)."""
+        return -(-self.paged_blocks * self.block_bytes // 2**20) * 2**20
 
     @property
     def total_bytes(self) -> int:
@@ -84,10 +85,10 @@ class Plan:
             f"  total           {_gib(self.total_bytes):>12} of {_gib(self.usable * self.device_memory)} usable "
             f"({self.usable:.0%}): {'fits' if self.fits else 'does NOT fit'}",
             f"  largest batch that fits at {self.max_len} tokens: {self.largest_batch}",
-            f"  paged KV cache: {self.kv_blocks} blocks of {self.block_size} tokens fit beside the weights and the "
-            f"working memory of {self.max_batch} rows ({_gib(self.kv_blocks * self.block_bytes)})",
-            f"  concurrent {self.seq_len}-token conversations: {self.sequences} in those blocks (rows: --max-batch "
-            f"{self.max_batch}), {self.largest_batch} when every row reserves {self.max_len} tokens",
+            f"  paged KV cache: {self.paged_rows} concurrent {self.seq_len}-token conversations, against "
+            f"{self.largest_batch} when every row reserves {self.max_len} tokens: {self.paged_blocks} blocks of "
+            f"{self.block_size} tokens, serve with --max-batch {self.paged_rows} --max-len {self.max_len} "
+            f"--kv-cache-memory {self.paged_memory // 2**20}MiB",
         ]
         return "\n".join(lines)
 
@@ -125,26 +126,36 @@ def plan(
     compute = DTYPES[compute_dtype or ("bfloat16" if quant else dtype)]
     weights = _weight_bytes(config, mesh, compute, quant)
 
-    def need(batch: int) -> tuple[int, int]:
-        cache, state = runner.state_bytes(config, mesh, batch, batch * blocks_for(max_len, block_size), block_size, compute)
-        return cache, state + _prefill_bytes(config, mesh, max_len, compute)
+    prefill = _prefill_bytes(config, mesh, max_len, compute)
+
+    def paged_blocks(rows: int) -> int:  # rows of seq_len tokens, and room for one max_len sequence
+        return max(rows * blocks_for(min(seq_len, max_len), block_size), blocks_for(max_len, block_size))
+
+    def need(rows: int, num_blocks: int) -> tuple[int, int]:
+        cache, state = runner.state_bytes(config, mesh, rows, num_blocks, block_size, compute)
+        return cache, state + prefill
 
     budget = usable * device_memory
+    largest = _largest(lambda rows: sum(need(rows, rows * blocks_for(max_len, block_size))) + weights <= budget)
+    paged = _largest(lambda rows: sum(need(rows, paged_blocks(rows))) + weights <= budget)
+    cache, work = need(max_batch, max_batch * blocks_for(max_len, block_size))
+    block = runner.block_bytes(config, mesh, block_size, compute)
+    return Plan(
+        config, mesh_shape, device_memory, dtype, np.dtype(compute).name, max_batch, max_len, usable,
+        weights, cache, work - prefill, work, largest, block_size, block, seq_len, paged, paged_blocks(paged),
+    )  # fmt: skip
+
+
+def _largest(fits) -> int:
+    """The largest number of rows `fits` accepts (0 when not even one): doubling, then halving."""
     largest, step = 0, 1
-    while sum(need(largest + step)) + weights <= budget:  # grow, then halve the step
+    while fits(largest + step):
         largest, step = largest + step, step * 2
     while step > 1:
         step //= 2
-        if sum(need(largest + step)) + weights <= budget:
+        if fits(largest + step):
             largest += step
-    cache, work = need(max_batch)
-    state = work - _prefill_bytes(config, mesh, max_len, compute)
-    block = runner.block_bytes(config, mesh, block_size, compute)
-    kv_blocks = max(0, int(budget - weights - work) // block)
-    return Plan(
-        config, mesh_shape, device_memory, dtype, np.dtype(compute).name, max_batch, max_len, usable,
-        weights, cache, state, work, largest, block_size, block, kv_blocks, seq_len,
-    )  # fmt: skip
+    return largest
 
 
 def _shard_bytes(mesh, axes, shape, itemsize: int) -> int:
@@ -207,16 +218,20 @@ def _gib(n: float) -> str:
 def _config(model: str) -> LlamaConfig:
     if model in PRESETS:
         return PRESETS[model]
+    if Path(model).suffix == ".gguf" and Path(model).is_file():
+        from codellama_jax.convert.gguf import GGUFCheckpoint
+
+        return GGUFCheckpoint(model).config
     if Path(model).exists():
         return LlamaConfig.from_hf(model)
-    raise ValueError(f"{model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a checkpoint directory")
+    raise ValueError(f"{model!r} is neither a preset ({', '.join(sorted(PRESETS))}), a .gguf file nor a checkpoint directory")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="codellama-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="a preset name or a checkpoint directory with config.json")
+    parser.add_argument("--model", required=True, help="a preset name, a .gguf file or a checkpoint directory with config.json")
     parser.add_argument("--devices", type=int, default=1, help="number of accelerators (default 1)")
     parser.add_argument("--device-memory", required=True, help="memory of one device, e.g. 16GiB, 80GB, 141GiB")
     parser.add_argument("--dtype", default="bfloat16", choices=WEIGHT_DTYPES, help="weight dtype (int8: int8 weights, bfloat16 compute)")
@@ -226,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--usable", type=float, default=0.9, help="fraction of device memory to plan for (default 0.9)")
     parser.add_argument("--block-size", type=int, default=16, help="positions per KV cache block (default 16)")
     parser.add_argument("--seq-len", type=int, default=1000,
-                        help="tokens of a typical conversation: how many fit at once, paged (default 1000)")
+                        help="tokens of a typical conversation (prompt and answer): how many run at once when each "
+                        "holds only the cache blocks it uses (default 1000)")
     args = parser.parse_args(argv)
     try:
         mesh_shape = None

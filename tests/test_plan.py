@@ -8,9 +8,10 @@ import collections
 import gc
 
 import jax
+import jax.numpy as jnp
 import pytest
 
-from codellama_jax import generate, load, sharding
+from codellama_jax import generate, load, runner, sharding
 from codellama_jax.config import LlamaConfig
 from codellama_jax.engine import Engine
 from codellama_jax.plan import kv_blocks, main, parse_bytes, plan
@@ -82,11 +83,20 @@ def test_70b_figures():
     assert h100x8.fits and h100x8.cache_bytes == 80 * 2 * 8 * 4096 * 8 * 128 * 2 // 8
     h200 = plan(config, devices=1, device_memory=141 * gib, dtype="int8", max_batch=8, max_len=4096)
     assert h200.fits and h200.weight_bytes < 0.51 * config.num_params * 2
-    # paged: the memory beside weights and 64 rows' working memory, in blocks of 16 tokens of 80 layers' keys and values
-    paged = plan(config, devices=1, device_memory=141 * gib, dtype="int8", max_batch=64, max_len=4096, seq_len=1000)
+    # paged: rows of 1000-token conversations, each holding 63 blocks of 16 tokens of 80 layers' keys and values,
+    # the most whose blocks and state fit beside the weights (the plan of exactly that many rows fits, one more not)
+    paged = plan(config, devices=1, device_memory=141 * gib, dtype="int8", max_len=4096, seq_len=1000)
     block = 80 * 2 * 8 * 16 * 128 * 2
-    assert paged.kv_blocks == int(0.9 * 141 * gib - paged.weight_bytes - paged.work_bytes) // block
-    assert paged.sequences == paged.kv_blocks // 63 > 4 * paged.largest_batch
+    assert paged.block_bytes == block and paged.paged_blocks == 63 * paged.paged_rows
+    assert paged.paged_rows > 4 * paged.largest_batch == 4 * 46
+    assert paged.paged_memory >= paged.paged_blocks * block > paged.paged_memory - 2**20
+
+    def with_pool(rows: int) -> int:  # bytes of `rows` rows' state and a pool of 63 blocks each, as the server holds
+        cache, state = runner.state_bytes(config, jax.sharding.AbstractMesh((1, 1), ("data", "model")), rows,
+                                          63 * rows, 16, jnp.bfloat16)  # fmt: skip
+        return paged.weight_bytes + cache + state + paged.work_bytes - paged.state_bytes
+
+    assert with_pool(paged.paged_rows) <= 0.9 * 141 * gib < with_pool(paged.paged_rows + 1)
     # 16 devices on the model axis: the 8 kv heads are replicated, so the cache is not split
     v5e16 = plan(config, devices=16, device_memory=16 * gib, dtype="bfloat16", max_batch=8, max_len=4096)
     assert v5e16.cache_bytes == h100x8.cache_bytes * 8
@@ -109,9 +119,14 @@ def test_cli(capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "int8 weights" in out and "fits" in out and "largest batch that fits at 4096 tokens" in out
-    assert "concurrent 1000-token conversations:" in out
+    assert "concurrent 1000-token conversations, against" in out and "--kv-cache-memory" in out
     assert main([*args[:5], "80GB", "--dtype", "bfloat16"]) == 2
     assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_cli_plans_a_gguf_file(capsys, smollm2_gguf):
+    assert main(["--model", str(smollm2_gguf), "--device-memory", "8GiB", "--dtype", "float32", "--max-len", "4096"]) == 0
+    assert "0.13B parameters" in capsys.readouterr().out  # SmolLM2-135M
 
 
 @pytest.mark.parametrize(
