@@ -47,13 +47,16 @@ def decode_kernel(mesh: jax.sharding.Mesh, block_size: int, head_dim: int, wante
     """The decode attention for a mesh: with `wanted` "auto", JAX's Pallas kernel of its backend
     ("gpu", "tpu") on one device, else the reference (the kernels are not yet wrapped to run per
     shard); "reference" always (to rule a kernel out). The GPU kernel's loads must be powers of
-    two: blocks of at least 16 positions, and such a head dim."""
+    two: blocks of at least 16 positions, and such a head dim; the TPU kernel's copies are of
+    whole tiles: blocks of a multiple of 16 positions (bfloat16 sublanes), head dims of 128 lanes."""
     if wanted not in DECODE_ATTENTION:
         raise ValueError(f"unknown decode attention {wanted!r}; choose one of {', '.join(DECODE_ATTENTION)}")
     platform = mesh.devices.flat[0].platform
     if wanted == "reference" or mesh.size > 1 or platform not in ("gpu", "tpu"):
         return "reference"
     if platform == "gpu" and not (block_size >= 16 and _power_of_two(block_size) and _power_of_two(head_dim)):
+        return "reference"
+    if platform == "tpu" and not (block_size % 16 == 0 and head_dim % 128 == 0):
         return "reference"
     return platform
 
@@ -113,21 +116,22 @@ def decode_attention(q_BNH: jax.Array, cache: KVCache, layer, table_BJ: jax.Arra
         mask_B1S = jnp.arange(k_BKSH.shape[2])[None, None, :] < lengths_B[:, None, None]
         return attend(q_BNH[:, None], k_BKSH, v_BKSH, mask_B1S)[:, 0]
     J = table_BJ.shape[1]
-    table_BJ = jnp.minimum(table_BJ, cache.num_blocks - 1)
-    k_KMZH, v_KMZH = cache.k_LKMZH[layer], cache.v_LKMZH[layer]
-    q_BNH = (q_BNH * H**-0.5).astype(k_KMZH.dtype)  # the kernels do not scale the logits
+    K, L, M, Z, _ = cache.k_KLMZH.shape
+    table_BJ = jnp.minimum(table_BJ, M - 1) + layer * M  # this layer's blocks among every layer's pages
+    k_KPZH, v_KPZH = cache.k_KLMZH.reshape(K, L * M, Z, H), cache.v_KLMZH.reshape(K, L * M, Z, H)  # no copy
+    q_BNH = (q_BNH * H**-0.5).astype(k_KPZH.dtype)  # the kernels do not scale the logits
     if kernel == "gpu":
         from jax.experimental.pallas.ops.gpu import paged_attention as gpu
 
         splits = math.gcd(J, 16)
-        return gpu.paged_attention(q_BNH, k_KMZH, v_KMZH, table_BJ, lengths_B, k_splits=splits,
+        return gpu.paged_attention(q_BNH, k_KPZH, v_KPZH, table_BJ, lengths_B, k_splits=splits,
                                    pages_per_compute_block=math.gcd(J // splits, 8), interpret=interpret)  # fmt: skip
     if kernel == "tpu":
         from jax.experimental.pallas import tpu as pltpu
         from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention_kernel as tpu
 
         def run():
-            return tpu.paged_attention(q_BNH, k_KMZH, v_KMZH, lengths_B, table_BJ, pages_per_compute_block=math.gcd(J, 8))
+            return tpu.paged_attention(q_BNH, k_KPZH, v_KPZH, lengths_B, table_BJ, pages_per_compute_block=math.gcd(J, 8))
 
         if interpret:
             with pltpu.force_tpu_interpret_mode():

@@ -14,19 +14,23 @@ from codellama_jax.attention import decode_attention, decode_kernel
 from codellama_jax.kv_cache import KVCache
 
 
+@pytest.mark.parametrize("J", [4, 32], ids=["4 blocks", "32 blocks"])  # 32: the kernels split and group blocks
 @pytest.mark.parametrize("kernel", ["gpu", "tpu"])
-def test_pallas_paged_kernels_equal_the_reference(kernel):
-    L, N, K, H, M, Z = 2, 8, 2, 64, 12, 16  # four query heads per kv head
+def test_pallas_paged_kernels_equal_the_reference(kernel, J):
+    L, N, K, H, M, Z = 2, 8, 2, 64, J + 8, 16  # four query heads per kv head
     rng = np.random.default_rng(0)
 
     def values(*shape):  # float32 that bfloat16 holds exactly: TPU's interpreter multiplies as a TPU does, in bfloat16
         return jnp.asarray(rng.normal(size=shape), jnp.bfloat16).astype(jnp.float32)
 
-    cache = KVCache(values(L, K, M, Z, H), values(L, K, M, Z, H))
+    cache = KVCache(values(K, L, M, Z, H), values(K, L, M, Z, H))
     q_BNH = values(4, N, H)
-    # rows 0 and 3 share their first two blocks (a cached prefix); 12 is no block (past the length)
-    table_BJ = jnp.asarray(np.array([[3, 7, 1, 0], [5, 2, 12, 12], [9, 11, 4, 6], [3, 7, 8, 12]], np.int32))
-    lengths_B = jnp.asarray(np.array([40, 17, 64, 33], np.int32))
+    # blocks in no order; rows 0 and 3 share their first two (a cached prefix); M is no block (past the length)
+    table_BJ = np.stack([rng.permutation(M)[:J] for _ in range(4)]).astype(np.int32)
+    table_BJ[3, :2] = table_BJ[0, :2]
+    table_BJ[1, 2:], table_BJ[3, 3:] = M, M
+    lengths_B = jnp.asarray(np.array([J * Z - 24, 17, J * Z, 33], np.int32))
+    table_BJ = jnp.asarray(table_BJ)
     want = decode_attention(q_BNH, cache, 1, table_BJ, lengths_B)
     got = decode_attention(q_BNH, cache, 1, table_BJ, lengths_B, kernel=kernel, interpret=True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
@@ -40,9 +44,10 @@ def test_the_kernel_follows_the_backend_of_a_one_device_mesh():
     def one(platform):  # a one-device mesh of another backend, as decode_kernel reads it
         return types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform=platform)]), size=1)
 
-    assert decode_kernel(one("gpu"), 16, 128) == "gpu" and decode_kernel(one("tpu"), 12, 128) == "tpu"
-    # the GPU kernel's loads are powers of two of at least 16 positions
+    assert decode_kernel(one("gpu"), 16, 128) == "gpu" and decode_kernel(one("tpu"), 32, 128) == "tpu"
+    # the GPU kernel's loads are powers of two of at least 16 positions; the TPU kernel's whole tiles
     assert {decode_kernel(one("gpu"), z, h) for z, h in ((12, 128), (8, 128), (16, 96))} == {"reference"}
+    assert {decode_kernel(one("tpu"), z, h) for z, h in ((12, 128), (8, 128), (16, 64))} == {"reference"}
     assert decode_kernel(one("tpu"), 16, 128, "reference") == "reference"  # --decode-attention reference
     with pytest.raises(ValueError, match="unknown decode attention 'kernel'; choose one of auto, reference"):
         decode_kernel(one("tpu"), 16, 128, "kernel")

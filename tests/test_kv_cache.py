@@ -26,8 +26,8 @@ def test_rows_read_back_what_was_written_through_scrambled_block_tables():
         np.testing.assert_array_equal(np.asarray(k_BKSH)[b, :, :length], k_BTKH[b, :length].transpose(1, 0, 2))
         np.testing.assert_array_equal(np.asarray(v_BKSH)[b, :, :length], v_BTKH[b, :length].transpose(1, 0, 2))
     untouched = sorted(set(range(M)) - set(table_BJ.ravel()))
-    assert not np.asarray(cache.k_LKMZH)[:, :, untouched].any() and not np.asarray(cache.k_LKMZH)[0].any()
+    assert not np.asarray(cache.k_KLMZH)[:, :, untouched].any() and not np.asarray(cache.k_KLMZH)[:, 0].any()
 
     copied = cache.copy_blocks(jnp.array([6, 2]), jnp.array([1, M]))  # the second pair copies nowhere
-    np.testing.assert_array_equal(np.asarray(copied.v_LKMZH)[:, :, 1], np.asarray(cache.v_LKMZH)[:, :, 6])
-    np.testing.assert_array_equal(np.delete(np.asarray(copied.v_LKMZH), 1, axis=2), np.delete(np.asarray(cache.v_LKMZH), 1, axis=2))
+    np.testing.assert_array_equal(np.asarray(copied.v_KLMZH)[:, :, 1], np.asarray(cache.v_KLMZH)[:, :, 6])
+    np.testing.assert_array_equal(np.delete(np.asarray(copied.v_KLMZH), 1, axis=2), np.delete(np.asarray(cache.v_KLMZH), 1, axis=2))

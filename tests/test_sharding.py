@@ -113,8 +113,8 @@ def test_parameters_and_cache_are_laid_out_by_the_rules(case):
     scheduler = Scheduler(model, max_batch=4, max_len=64)
     for when in ("built", "after a request"):
         state = scheduler.runner.state
-        for cache in state.cache:  # [L, K, M, Z, H]: any row may hold any block
-            assert laid_out(cache, mesh, P(None, kv_heads, None, None, None)), when
+        for cache in state.cache:  # [K, L, M, Z, H]: any row may hold any block
+            assert laid_out(cache, mesh, P(kv_heads, None, None, None, None)), when
         assert laid_out(state.next_B, mesh, P("data")) and laid_out(state.positions_B, mesh, P("data")), when
         done = []
         scheduler.add(scheduler.sequences(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4), lambda i: done.append))
