@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -87,14 +87,14 @@ class BlockPool:
                 else:
                     self._free.append(block)
 
-    def digests(self, tokens: Sequence[int]) -> list[bytes]:
-        """The digest of every full block of `tokens`, in order."""
-        Z, chain, out = self.block_size, b"", []
+    def digests(self, tokens: Sequence[int]) -> Iterator[bytes]:
+        """The digest of every full block of `tokens`, in order, as they are asked for (a lookup
+        stops hashing at its first miss: a long prompt waiting for a row costs a hash a step)."""
+        Z, chain = self.block_size, b""
         ids = np.asarray(tokens, np.int64)
         for start in range(0, len(ids) - Z + 1, Z):
             chain = hashlib.sha256(chain + ids[start : start + Z].tobytes()).digest()
-            out.append(chain)
-        return out
+            yield chain
 
     def cached_prefix(self, tokens: Sequence[int]) -> list[int]:
         """The registered blocks that hold the longest prefix of `tokens`, leaving at least one
