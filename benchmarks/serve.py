@@ -123,7 +123,8 @@ async def run(url: str, api_key: str, model: str | None, clients: int, seconds: 
         model = model or (await client.models.list()).data[0].id
         results: list = []
         start = time.perf_counter()
-        await asyncio.gather(*(client_loop(client, model, start + seconds, max_tokens, 1000 * c, chat, results)
+        # seeds 1001 * c: each client starts at another question, and samples its own answers
+        await asyncio.gather(*(client_loop(client, model, start + seconds, max_tokens, 1001 * c, chat, results)
                                for c in range(clients)))  # fmt: skip
         return results, time.perf_counter() - start
 

@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quantize", choices=["int8"], help="int8 weights with a float32 scale per output channel (half the bytes of bfloat16)")
     parser.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
                         help="unroll the layers, each with its own weights: on CPU decoding is faster "
-                             "(~8-12%% here) and compiling several times slower; not with int8")  # fmt: skip
+                             "(~6-8%% here) and compiling several times slower; not with int8")  # fmt: skip
     parser.add_argument("--price-input", type=float, default=0.0, help="USD per million prompt tokens, for usage.estimated_cost")
     parser.add_argument("--price-output", type=float, default=0.0, help="USD per million completion tokens")
     parser.add_argument("--drain-timeout", type=float, default=20.0,
@@ -187,8 +187,10 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         hyper.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the socket from here
         shutdown = asyncio.Event()
         server = asyncio.create_task(serve(app, hyper, shutdown_trigger=shutdown.wait))
-        log.info("serving %r on %s (%d slots, %s)", config.served_model_name, address, engine.max_batch,
-                 "API keys required" if keys else "no API keys")  # fmt: skip
+        scheduler = engine.scheduler
+        log.info("serving %r on %s (%d slots, %d KV cache blocks of %d tokens, decode attention: %s, %s)",
+                 config.served_model_name, address, engine.max_batch, scheduler.pool.num_blocks,
+                 scheduler.pool.block_size, scheduler.runner.kernel, "API keys required" if keys else "no API keys")  # fmt: skip
         await asyncio.wait([server, asyncio.create_task(signalled.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not server.done():
             await drain(app, engine, args.drain_timeout)
