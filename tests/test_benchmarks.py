@@ -37,8 +37,8 @@ def test_generate_benchmark(tiny):
 
 
 def test_structured_benchmark(tiny):
-    out = _run("benchmarks/structured.py", "--model", str(tiny), "--batches", "1", "2", "--new-tokens", "4")
-    assert len([line for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])]) == 2, out
+    out = _run("benchmarks/structured.py", "--model", str(tiny), "--batches", "2", "--new-tokens", "4")
+    assert len([line for line in out.splitlines() if line.split()[:1] == ["2"]]) == 1, out
 
 
 def test_serve_benchmark(tiny_long):
