@@ -123,7 +123,7 @@ async def run(url: str, api_key: str, model: str | None, clients: int, seconds: 
         model = model or (await client.models.list()).data[0].id
         results: list = []
         start = time.perf_counter()
-        # seeds 1001 * c: each client starts at another question, and samples its own answers
+        # seeds 1001 * c: each client samples its own answers, and starts at another question (of 5)
         await asyncio.gather(*(client_loop(client, model, start + seconds, max_tokens, 1001 * c, chat, results)
                                for c in range(clients)))  # fmt: skip
         return results, time.perf_counter() - start

@@ -89,7 +89,7 @@ class BlockPool:
 
     def digests(self, tokens: Sequence[int]) -> Iterator[bytes]:
         """The digest of every full block of `tokens`, in order, as they are asked for (a lookup
-        stops hashing at its first miss: a long prompt waiting for a row costs a hash a step)."""
+        stops hashing at its first miss, not at the prompt's end)."""
         Z, chain = self.block_size, b""
         ids = np.asarray(tokens, np.int64)
         for start in range(0, len(ids) - Z + 1, Z):

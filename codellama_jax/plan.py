@@ -86,9 +86,9 @@ class Plan:
             f"({self.usable:.0%}): {'fits' if self.fits else 'does NOT fit'}",
             f"  largest batch that fits at {self.max_len} tokens: {self.largest_batch}",
             f"  paged KV cache: {self.paged_rows} concurrent {self.seq_len}-token conversations, against "
-            f"{self.largest_batch} when every row reserves {self.max_len} tokens: {self.paged_blocks} blocks of "
-            f"{self.block_size} tokens, serve with --max-batch {self.paged_rows} --max-len {self.max_len} "
-            f"--kv-cache-memory {self.paged_memory // 2**20}MiB",
+            f"{self.largest_batch} when every row reserves {self.max_len} tokens"
+            + (f": {self.paged_blocks} blocks of {self.block_size} tokens, serve with --max-batch {self.paged_rows} "
+               f"--max-len {self.max_len} --kv-cache-memory {self.paged_memory // 2**20}MiB" if self.paged_rows else ""),
         ]
         return "\n".join(lines)
 
@@ -129,7 +129,8 @@ def plan(
     prefill = _prefill_bytes(config, mesh, max_len, compute)
 
     def paged_blocks(rows: int) -> int:  # rows of seq_len tokens, and room for one max_len sequence
-        return max(rows * blocks_for(min(seq_len, max_len), block_size), blocks_for(max_len, block_size))
+        # a row holds the blocks of two decode calls ahead too (one in flight, one planned; 4 steps each)
+        return max(rows * blocks_for(min(seq_len + 8, max_len), block_size), blocks_for(max_len, block_size))
 
     def need(rows: int, num_blocks: int) -> tuple[int, int]:
         cache, state = runner.state_bytes(config, mesh, rows, num_blocks, block_size, compute)

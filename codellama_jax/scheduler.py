@@ -456,10 +456,10 @@ class Scheduler:
         """Waiting requests into free rows, in order, while their samples fit and `budget`
         prefill tokens remain: a row each, and blocks for the prompt (its full blocks shared by
         the samples) with the next decode call's blocks of every running row still free. A
-        prompt longer than a step's whole budget is prefilled in chunks, one long prompt at a
-        time; a shorter one that does not fit what remains waits for the next step (so with
-        `prefill_chunk` at `max_len` nothing is split). A request whose grammar allows no first
-        token ends here."""
+        prompt longer than what remains is prefilled in chunks, one long prompt at a time; where
+        no later part of a prompt is ever prefilled on its own (no prefix caching, `prefill_chunk`
+        at `max_len`: no shapes for it) such a prompt waits for the next step whole. A request
+        whose grammar allows no first token ends here."""
         fills = []
         reserved = sum(self._wanted(seq) for seq in self.rows if seq is not None)
         while (self.resuming or self.waiting) and budget > 0:
@@ -476,9 +476,9 @@ class Scheduler:
             wanted = self._blocks_to_admit(len(context), len(sequences)) - len(hit)
             free = [row for row, s in enumerate(self.rows) if s is None]
             remaining = len(context) - len(hit) * self.pool.block_size
-            chunked = remaining > budget  # split only if longer than a whole step's budget; else it waits a step
+            chunked = remaining > budget  # split, unless there are no shapes for a later part: then it waits a step
             if (len(free) < len(sequences) or wanted + reserved > self.pool.num_free
-                    or (chunked and (self._chunking or remaining <= self.prefill_chunk))):  # fmt: skip
+                    or (chunked and (self._chunking or not self.cached_prefill_blocks))):  # fmt: skip
                 self.pool.release(hit)
                 break
             queue.popleft()

@@ -78,6 +78,7 @@ def test_70b_figures():
     gib = 2**30
     v5e = plan(config, devices=8, device_memory=16 * gib, dtype="bfloat16", max_batch=8, max_len=4096)
     assert not v5e.fits and v5e.largest_batch == 0  # 140 GB of weights cannot fit 8 x 16 GiB
+    assert v5e.paged_rows == 0 and "serve with" not in v5e.report()  # no recipe that cannot run
     assert abs(v5e.weight_bytes - config.num_params * 2 / 8) < 0.001 * v5e.weight_bytes
     h100x8 = plan(config, devices=8, device_memory=80 * gib, dtype="bfloat16", max_batch=8, max_len=4096)
     assert h100x8.fits and h100x8.cache_bytes == 80 * 2 * 8 * 4096 * 8 * 128 * 2 // 8

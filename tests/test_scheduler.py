@@ -163,8 +163,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_rows_keep_decoding(model, sa
 
 def test_prompts_beyond_a_steps_budget_wait_whole_for_the_next_step(model):
     """Five 120-token prompts, a 512-token budget per step and no chunking (the budget exceeds
-    max_len) nor prefix caching: four fill the first step, the fifth waits for the next one
-    whole, and each answers as alone."""
+    max_len) nor prefix caching, so no shapes for a prompt's later part: four fill the first
+    step, the fifth waits for the next one whole, and each answers as alone."""
     prompts = [[1, *range(100 + 10 * i, 219 + 10 * i)] for i in range(5)]
     params = SamplingParams(temperature=0.0, max_tokens=3)
     scheduler = Scheduler(model, max_batch=5, max_len=128, block_size=8, prefill_chunk=512, prefix_caching=False)
