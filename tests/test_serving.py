@@ -553,7 +553,7 @@ def test_a_client_that_disconnects_frees_its_slot(server):
 
 
 def test_the_command_line_server_starts_serves_drains_and_stops(tmp_path, sp_dir):
-    """`codellama-serve` as users run it (here with unrolled layers): keys from the environment,
+    """`codellama-serve` as users run it: keys from the environment,
     one log line per request (no key, no user in clear), ready only after warm-up; on SIGTERM, new
     requests get 503 while those in flight finish (or, past --drain-timeout, end with an error
     event), and it exits 0."""
@@ -565,11 +565,11 @@ def test_the_command_line_server_starts_serves_drains_and_stops(tmp_path, sp_dir
     env = {**os.environ, "CODELLAMA_API_KEYS": f"{KEY},sk-other"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "codellama_jax.serving", "--model", str(converted), "--port", str(port),
-         "--max-batch", "2", "--price-input", "1.5", "--drain-timeout", "1", "--no-scan-layers",
+         "--max-batch", "2", "--price-input", "1.5", "--drain-timeout", "1",
          "--kv-cache-memory", "10MiB"],  # 640 blocks of 16 KiB: both rows at 4096 tokens
         env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    watchdog = threading.Timer(180, proc.kill)  # a server that never gets ready fails the test, not the suite
+    watchdog = threading.Timer(600, proc.kill)  # a server that never gets ready fails the test, not the suite
     watchdog.start()
     url, headers = f"http://127.0.0.1:{port}", {"Authorization": "Bearer sk-other"}
     streams: dict[int, str] = {}
