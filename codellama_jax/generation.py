@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from codellama_jax import chat_template, structured
+from codellama_jax import chat_template, infill, structured
 from codellama_jax import tools as tool_calls
 from codellama_jax.errors import RequestError
 from codellama_jax.buckets import bucket
@@ -39,12 +39,19 @@ class Completion:
     tool_calls: list[tool_calls.ToolCall] | None = None  # when tools were offered and called; `text` is then ""
 
 
-def prompt_ids(model: Model, prompt: Prompt, tools: tool_calls.Tools | None = None, limit: int | None = None) -> list[int]:
+def prompt_ids(model: Model, prompt: Prompt, tools: tool_calls.Tools | None = None, limit: int | None = None,
+               suffix: str | None = None) -> list[int]:  # fmt: skip
     """Token ids of a prompt: text (BOS added as the tokenizer does), chat messages (the model's
     chat template, see `ChatTemplate.prompt`, with `tools` described and tool calls and results
-    rendered as tools.py says), or token ids as they are. Text that surely holds more than
-    `limit` tokens (default: the context) is refused before it is tokenized."""
+    rendered as tools.py says), or token ids as they are; with `suffix`, the infilling prompt of
+    the text before a gap (`prompt`) and after it. Text that surely holds more than `limit`
+    tokens (default: the context) is refused before it is tokenized."""
     limit = model.config.max_seq_len if limit is None else limit
+    if suffix is not None:
+        if not isinstance(prompt, str):
+            raise RequestError("with suffix (fill-in-the-middle) a prompt must be text: the code before the gap",
+                               param="prompt")  # fmt: skip
+        return infill.prompt_ids(_tokenizer(model), model.config, prompt, suffix, limit)
     is_chat = not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], Mapping)
     if tools is not None and not is_chat:
         raise RequestError("tools need chat messages as the prompt", param="messages")
@@ -107,10 +114,13 @@ def generate(
     tools: Sequence[Mapping[str, Any]] | None = None,
     tool_choice: str | Mapping[str, Any] | None = None,
     parallel_tool_calls: bool = True,
+    suffix: str | None = None,
     **sampling: Any,
 ) -> list[Completion]:
     """Completions of a batch of prompts (text, token ids, or chat messages), `n` per prompt,
     in prompt order. Sampling settings are those of `SamplingParams` (the contract's fields).
+    With `suffix` every prompt is the text before a gap and the completion fills it
+    (fill-in-the-middle, infill.py), ending where the model closes the gap.
 
     `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"name",
     "schema"}}) makes every output valid JSON of that kind; `tools` (OpenAI's function tools, with
@@ -127,7 +137,7 @@ def generate(
         raise ValueError("no prompts given")
     offered = tool_calls.parse_tools(tools, tool_choice, parallel_tool_calls)
     grammar = output_grammar(model, response_format, offered)
-    ids = [prompt_ids(model, p, offered) for p in prompts]
+    ids = [prompt_ids(model, p, offered, suffix=suffix) for p in prompts]
     if params.stop or params.logprobs:
         _tokenizer(model)
     scheduler = _scheduler(model, ids, params, GENERATE_STEPS)

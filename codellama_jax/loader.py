@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from codellama_jax import checkpoint, sharding, weights
+from codellama_jax import checkpoint, infill, sharding, weights
 from codellama_jax.buckets import bucket
 from codellama_jax import quantize as quantization
 from codellama_jax.chat_template import ChatTemplate, chat_template_for, read_chat_template
@@ -47,7 +47,8 @@ class Model:
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:
-        return self.config.stop_token_ids
+        """The config's, and the token that ends an infilled middle (infill.py)."""
+        return tuple(dict.fromkeys((*self.config.stop_token_ids, *infill.end_ids(self.tokenizer))))
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Float32 logits `[B, T, V]` for a batch of token-id lists (or a `[B, T]` array).

@@ -43,6 +43,17 @@ class Tokenizer:
         """The text of a special token (None for other ids)."""
         return self._special_text.get(token_id)
 
+    def token_id(self, piece: str) -> int | None:
+        """The id of a whole token spelled `piece` (a control token's text, or a vocabulary
+        piece such as `▁<PRE>`); None when the vocabulary has no such token."""
+        return self.special_tokens.get(piece, self._piece_id(piece))
+
+    def encode_continuation(self, text: str, *, limit: int | None = None) -> list[int]:
+        """Ids of plain text that continues earlier text (no leading space added in front; a
+        byte-level vocabulary adds none anyway); `limit` as for `encode`."""
+        self._check_length(text, limit)
+        return self._encode_plain(text) if text else []
+
     def encode(self, text: str, *, add_bos: bool = False, limit: int | None = None) -> list[int]:
         """Token ids of plain text; special-token text in it stays text. Text that surely has
         `limit` tokens or more is refused (ContextLengthExceeded) before it is tokenized."""
@@ -116,6 +127,9 @@ class Tokenizer:
     def _encode_plain(self, text: str) -> list[int]:
         raise NotImplementedError
 
+    def _piece_id(self, piece: str) -> int | None:
+        raise NotImplementedError
+
     def _decode(self, ids: list[int], continuation: bool) -> str:
         raise NotImplementedError
 
@@ -168,9 +182,16 @@ class SentencePieceTokenizer(Tokenizer):
             ids += self._spelled(self.sp.id_to_piece(i)) if i in self._spell_out else [i]
         return ids
 
-    def encode_continuation(self, text: str) -> list[int]:
+    def encode_continuation(self, text: str, *, limit: int | None = None) -> list[int]:
         """Ids of plain text that continues earlier text: no dummy-prefix space in front."""
-        return self._encode_plain(text, self._sp_continuation)
+        self._check_length(text, limit)
+        return self._encode_plain(text, self._sp_continuation) if text else []
+
+    def _piece_id(self, piece: str) -> int | None:
+        if piece in self.added_tokens:
+            return self.added_tokens[piece][0]
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else None
 
     @functools.cached_property
     def _token_bytes(self) -> tuple[bytes, ...]:
@@ -311,6 +332,9 @@ class HFTokenizer(Tokenizer):
         if not self._bounded:
             return 0
         return len(self.tok.normalizer.normalize_str(text)) if self.tok.normalizer is not None else len(text)
+
+    def _piece_id(self, piece: str) -> int | None:
+        return self.tok.token_to_id(piece)
 
     def _encode_plain(self, text: str) -> list[int]:
         # encode_batch lets go of the GIL while it works (encode holds it: 0.25 s for 600 kB), so a

@@ -351,7 +351,7 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
                                 param="prompt")  # fmt: skip
 
         def prepare():
-            return [generation.prompt_ids(model, p, limit=engine.max_len) for p in prompts]
+            return [generation.prompt_ids(model, p, limit=engine.max_len, suffix=data.suffix) for p in prompts]
 
         return await respond(data, await off_loop(prepare), "text")
 

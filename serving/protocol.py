@@ -194,14 +194,12 @@ class CompletionRequest(Sampling):
     logprobs: int | None = Field(None, ge=0, le=5)  # legacy completions: number of alternatives
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=RANGES["n"].high)
-    suffix: str | None = None
+    suffix: str | None = None  # fill-in-the-middle: the text after the gap (the prompt is the text before)
 
     def check(self) -> None:
         self.check_stream_options()
         if self.echo:
             raise ProtocolError("echo is not supported", param="echo")
-        if self.suffix is not None:
-            raise ProtocolError("suffix (fill-in-the-middle) is not supported yet", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise ProtocolError("best_of other than n is not supported (every sample is returned)", param="best_of")
         if not self.prompt:
