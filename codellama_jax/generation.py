@@ -47,14 +47,14 @@ def prompt_ids(model: Model, prompt: Prompt, tools: tool_calls.Tools | None = No
     the text before a gap (`prompt`) and after it. Text that surely holds more than `limit`
     tokens (default: the context) is refused before it is tokenized."""
     limit = model.config.max_seq_len if limit is None else limit
+    is_chat = not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], Mapping)
+    if tools is not None and not is_chat:
+        raise RequestError("tools need chat messages as the prompt", param="messages")
     if suffix is not None:
         if not isinstance(prompt, str):
             raise RequestError("with suffix (fill-in-the-middle) a prompt must be text: the code before the gap",
                                param="prompt")  # fmt: skip
         return infill.prompt_ids(_tokenizer(model), model.config, prompt, suffix, limit)
-    is_chat = not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], Mapping)
-    if tools is not None and not is_chat:
-        raise RequestError("tools need chat messages as the prompt", param="messages")
     if is_chat:
         messages = tool_calls.render_messages(chat_template.plain_messages(prompt), tools)
         return model.chat_template.encode(_tokenizer(model), messages, limit=limit)
@@ -165,13 +165,15 @@ def generate(
     return completions
 
 
-def stream(model: Model, prompt: Prompt, *, response_format: Mapping[str, Any] | None = None, **sampling: Any) -> Iterator[str]:
+def stream(model: Model, prompt: Prompt, *, response_format: Mapping[str, Any] | None = None, suffix: str | None = None,
+           **sampling: Any) -> Iterator[str]:  # fmt: skip
     """Text deltas of one completion as they are decoded (stop strings never shown in part),
-    optionally constrained by `response_format` as in `generate()`."""
+    optionally constrained by `response_format`, or filling the gap before `suffix`, as in
+    `generate()`."""
     params = SamplingParams(**sampling)
     if params.n != 1:
         raise ValueError("stream() produces one completion; use generate() for n > 1")
-    ids = prompt_ids(model, prompt)
+    ids = prompt_ids(model, prompt, suffix=suffix)
     _tokenizer(model)
     scheduler = _scheduler(model, [ids], params, steps=1)  # each token's text as soon as it is decoded
     chunks: list = []

@@ -10,8 +10,9 @@ Two layouts, found by their tokens in the vocabulary:
 - StarCoder's: `<fim_prefix>` prefix `<fim_suffix>` suffix `<fim_middle>`, ending at
   `<|endoftext|>` (the end-of-sequence token where the vocabulary has no such token).
 
-Meta trained CodeLlama 7B and 13B to infill, not 34B and 70B (all four have the tokens); those,
-and checkpoints without such tokens, are refused with a RequestError naming `suffix`.
+Meta's README says it trained CodeLlama 7B and 13B to infill, not 34B and 70B (its model card
+counts 70B in); 34B's vocabulary has no infilling tokens, 70B's has them, and both are refused,
+as are checkpoints without such tokens, with a RequestError naming `suffix`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import dataclasses
 
 from codellama_jax.config import LlamaConfig
 from codellama_jax.errors import RequestError
+from codellama_jax.tokenizer import INFILL_PIECES as CODELLAMA
 from codellama_jax.tokenizer import Tokenizer
 
-CODELLAMA = ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>")
 STARCODER = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
 
 
@@ -50,11 +51,11 @@ def layout(tokenizer: Tokenizer) -> Layout | None:
 
 
 def end_ids(tokenizer: Tokenizer | None) -> tuple[int, ...]:
-    """The token that ends an infilled middle (CodeLlama's `▁<EOT>`, StarCoder's end of text):
-    a stop token for every request, as it ends a middle or a document, never a chat answer's
-    middle (a chat model's own end token may be another)."""
+    """The token that ends an infilled middle (CodeLlama's `▁<EOT>`, StarCoder's end of text), as
+    a stop token for every request: it ends a middle or a document, and being a control token
+    it is never part of a text or a grammar's output."""
     found = layout(tokenizer) if tokenizer is not None else None
-    return (found.end_id,) if found is not None and found.end_id is not None else ()
+    return (found.end_id,) if found is not None and found.end_id in tokenizer.special_ids else ()
 
 
 def trained_to_infill(config: LlamaConfig) -> bool:
@@ -73,6 +74,9 @@ def prompt_ids(tokenizer: Tokenizer, config: LlamaConfig, prefix: str, suffix: s
     if found.name == "codellama" and not trained_to_infill(config):
         raise RequestError("suffix (fill-in-the-middle): Meta trained CodeLlama 7B and 13B to infill, not 34B and "
                            "70B; this checkpoint is one of those", param="suffix")  # fmt: skip
+    if max(found.prefix_id, found.suffix_id, found.middle_id) >= config.vocab_size:
+        raise RequestError(f"suffix (fill-in-the-middle): the tokenizer's infilling tokens lie past the model's "
+                           f"{config.vocab_size}-token vocabulary", param="suffix")  # fmt: skip
     bos = [tokenizer.bos_id] if found.name == "codellama" and tokenizer.bos_id is not None else []
     return [*bos, found.prefix_id, *tokenizer.encode(prefix, limit=limit), found.suffix_id,
             *tokenizer.encode_continuation(suffix, limit=limit), found.middle_id]  # fmt: skip

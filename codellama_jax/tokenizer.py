@@ -137,8 +137,14 @@ class Tokenizer:
         raise NotImplementedError
 
 
+INFILL_PIECES = ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>")  # CodeLlama's infilling tokens (infill.py)
+_MARKER = "☺"  # a character no piece joins to the next: text after it starts a new piece (Meta's choice)
+
+
 class SentencePieceTokenizer(Tokenizer):
-    """A SentencePiece model plus the added tokens of `tokenizer_config.json` (CodeLlama's `<step>`)."""
+    """A SentencePiece model plus the added tokens of `tokenizer_config.json` (CodeLlama's `<step>`).
+    CodeLlama's infilling pieces are control tokens however the model types them (some GGUF
+    conversions make them ordinary pieces): text never becomes one, and they decode to nothing."""
 
     def __init__(
         self, model_proto: bytes, added_tokens: dict[str, tuple[int, bool]] | None = None, add_bos: bool = True
@@ -157,9 +163,11 @@ class SentencePieceTokenizer(Tokenizer):
         self._added_text = {i: t for t, (i, _) in self.added_tokens.items()}
         specials = {self.sp.id_to_piece(i): i for i in range(n) if self.sp.is_control(i) and self.sp.id_to_piece(i)}
         specials.update({t: i for t, (i, special) in self.added_tokens.items() if special})
-        # user-defined pieces are matched in text by SentencePiece itself; those that are control
-        # tokens for us must be spelled out instead when they occur in plain text
-        self._spell_out = self._user_defined & set(specials.values())
+        infill = {p: i for p in INFILL_PIECES if self.sp.id_to_piece(i := self.sp.piece_to_id(p)) == p}
+        specials.update(infill)
+        # user-defined pieces (and infilling ones) can come out of SentencePiece for plain text;
+        # those that are control tokens for us must be spelled out instead
+        self._spell_out = (self._user_defined | set(infill.values())) & set(specials.values())
         size = max([n - 1, *(i for i, _ in self.added_tokens.values())]) + 1
         bos, eos = self.sp.bos_id(), self.sp.eos_id()
         super().__init__(size, specials, bos if bos >= 0 else None, eos if eos >= 0 else None, add_bos)
@@ -335,6 +343,21 @@ class HFTokenizer(Tokenizer):
 
     def _piece_id(self, piece: str) -> int | None:
         return self.tok.token_to_id(piece)
+
+    def encode_continuation(self, text: str, *, limit: int | None = None) -> list[int]:
+        """Ids of plain text that continues earlier text. A vocabulary that puts `▁` in front of
+        text (Llama's tokenizer.json) encodes it after a marker character whose tokens are then
+        dropped, as Meta's `encode_infilling` does with SentencePiece."""
+        if not self._adds_space:
+            return super().encode_continuation(text, limit=limit)
+        self._check_length(text, limit)
+        head = self._encode_plain(_MARKER)
+        ids = self._encode_plain(_MARKER + text) if text else head
+        return ids[len(head) :] if ids[: len(head)] == head else self._encode_plain(text)
+
+    @functools.cached_property
+    def _adds_space(self) -> bool:
+        return self.tok.encode_batch(["a"], add_special_tokens=False)[0].tokens[0].startswith("\u2581")
 
     def _encode_plain(self, text: str) -> list[int]:
         # encode_batch lets go of the GIL while it works (encode holds it: 0.25 s for 600 kB), so a

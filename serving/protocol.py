@@ -202,7 +202,7 @@ class CompletionRequest(Sampling):
             raise ProtocolError("echo is not supported", param="echo")
         if self.best_of is not None and self.best_of != self.n:
             raise ProtocolError("best_of other than n is not supported (every sample is returned)", param="best_of")
-        if not self.prompt:
+        if not self.prompt and not (self.suffix is not None and self.prompt == ""):  # "" before a suffix: the file's start
             raise ProtocolError("prompt must not be empty", param="prompt")
 
     def prompts(self) -> list[str | list[int]]:

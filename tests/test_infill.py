@@ -6,6 +6,7 @@ and the refusals."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import openai
@@ -15,11 +16,11 @@ import tokenizers
 import torch
 import transformers
 
-from codellama_jax import generate, infill, load
+from codellama_jax import generate, infill, load, stream
 from codellama_jax.config import LlamaConfig
 from codellama_jax.convert.gguf import GGUFCheckpoint
 from codellama_jax.errors import RequestError
-from codellama_jax.tokenizer import HFTokenizer, load_tokenizer
+from codellama_jax.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
 from conftest import KEY, NAME, running_server, write_hf_checkpoint
 
@@ -60,6 +61,25 @@ def test_codellama_layout_is_metas(fim_dir):
     ours = [next((t for t, i in FIM.items() if i == token), None) or sp.id_to_piece(token) for token in got]
     at = ours.index("▁<SUF>") + 1
     assert theirs == [*ours[:at], "▁", *ours[at:]]
+    # the same vocabulary as a tokenizer.json (Metaspace): the suffix without its leading space still
+    reference.save_pretrained(fim_dir / "json")
+    as_json = HFTokenizer.from_directory(fim_dir / "json")
+    for text in (SUFFIX, " x", "", "☺ y"):
+        assert as_json.encode_continuation(text) == tokenizer.encode_continuation(text), text
+
+
+def test_infilling_pieces_inside_a_sentencepiece_model_are_control_tokens(tmp_path):
+    """As in CodeLlama's own tokenizer.model (and GGUF files typing them as ordinary pieces): found
+    in the vocabulary, never made from text, and the end token stops every request."""
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["def f(x):\n    return x\n"] * 50),
+                                   model_prefix=str(tmp_path / "sp"), model_type="bpe", vocab_size=290,
+                                   user_defined_symbols=list(infill.CODELLAMA), byte_fallback=True, minloglevel=2)  # fmt: skip
+    tokenizer = SentencePieceTokenizer((tmp_path / "sp.model").read_bytes())
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    found = infill.layout(tokenizer)
+    assert (found.prefix_id, found.end_id) == (sp.piece_to_id("▁<PRE>"), sp.piece_to_id("▁<EOT>"))
+    assert not set(tokenizer.encode("x = ' <PRE>' <EOT>")) & {found.prefix_id, found.end_id}  # text stays text
+    assert infill.end_ids(tokenizer) == (found.end_id,)
 
 
 def test_starcoder_layout_on_the_demo_tokenizer(smollm2_gguf):
@@ -70,7 +90,10 @@ def test_starcoder_layout_on_the_demo_tokenizer(smollm2_gguf):
     found = infill.layout(tokenizer)
     assert (found.name, found.end_id) == ("starcoder", 0)  # the middle ends at <|endoftext|>
     plain = raw.encode(PREFIX, add_special_tokens=False).ids, raw.encode(SUFFIX, add_special_tokens=False).ids
-    assert infill.prompt_ids(tokenizer, demo.config, PREFIX, SUFFIX) == [49152, *plain[0], 49153, *plain[1], 49154]
+    grown = dataclasses.replace(demo.config, vocab_size=49155)  # a model with the three tokens' embeddings
+    assert infill.prompt_ids(tokenizer, grown, PREFIX, SUFFIX) == [49152, *plain[0], 49153, *plain[1], 49154]
+    with pytest.raises(RequestError, match="past the model's 49152-token vocabulary"):
+        infill.prompt_ids(tokenizer, demo.config, PREFIX, SUFFIX)
     with pytest.raises(RequestError, match="has none") as e:  # the demo model itself has no infilling tokens
         infill.prompt_ids(demo.tokenizer(), demo.config, PREFIX, SUFFIX)
     assert e.value.param == "suffix"
@@ -95,6 +118,7 @@ def test_the_middle_is_transformers_greedy_one_and_ends_at_eot(model, fim_dir):
     assert want and got.token_ids == want and got.prompt_tokens == len(ids)
     closed = generate(model, [PREFIX], suffix=SUFFIX, temperature=0.0, max_tokens=10, logit_bias={FIM["▁<EOT>"]: 100})[0]
     assert (closed.text, closed.finish_reason) == ("", "stop")
+    assert "".join(stream(model, PREFIX, suffix=SUFFIX, temperature=0.0, max_tokens=10)) == got.text
     with pytest.raises(RequestError, match="must be text") as e:
         generate(model, [[1, 5, 6]], suffix=SUFFIX)
     assert e.value.param == "prompt"
@@ -111,6 +135,8 @@ def test_completions_with_suffix_through_the_openai_client(model, tiny_gqa_tied)
         assert streamed == want.text
         closed = client.completions.create(**kwargs, logit_bias={str(FIM["▁<EOT>"]): 100})
         assert (closed.choices[0].text, closed.choices[0].finish_reason) == ("", "stop")
+        at_the_start = client.completions.create(**{**kwargs, "prompt": ""})  # the gap at the file's start
+        assert at_the_start.choices[0].text == generate(model, [""], suffix=SUFFIX, temperature=0.0, max_tokens=10)[0].text
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(**{**kwargs, "prompt": [1, 5, 6]})
         assert e.value.body["param"] == "prompt"
