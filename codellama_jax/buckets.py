@@ -109,6 +109,11 @@ def warm_up(scheduler, stop: Callable[[], bool] = lambda: False) -> float:
     compiles += [functools.partial(runner.compile_first, P) for P in sorted({P for P, _, _ in prefills})]
     compiles += [functools.partial(runner.compile_decode, b, W, steps, k)
                  for b, W in decode_shapes(scheduler.max_batch, scheduler.max_len) for k in (0, top_k)]  # fmt: skip
+    spec = scheduler.speculation
+    if spec is not None:  # verify calls, for as many rows as speculate
+        compiles += [functools.partial(runner.compile_verify, b, W, spec.num_tokens, k)
+                     for b, W in decode_shapes(rows_bucket(spec.max_rows, scheduler.max_batch), scheduler.max_len)
+                     for k in (0, top_k)]  # fmt: skip
     for compile_one in compiles:
         if stop():
             break

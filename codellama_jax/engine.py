@@ -23,6 +23,7 @@ from codellama_jax import buckets, structured, tools
 from codellama_jax.loader import Model
 from codellama_jax.sampling import SamplingParams
 from codellama_jax.scheduler import Chunk, Scheduler
+from codellama_jax.speculative import Speculation
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +70,20 @@ class Handle:
 class Engine:
     """Continuous batching over `max_batch` rows of up to `max_len` tokens each, their keys and
     values in `num_blocks` cache blocks of `block_size` positions, prompts reusing the blocks of
-    a prefix computed before unless `prefix_caching` is off (see `Scheduler`)."""
+    a prefix computed before unless `prefix_caching` is off, drafting tokens to verify with
+    `speculation` (see `Scheduler`)."""
 
     def __init__(self, model: Model, *, max_batch: int = 8, max_len: int | None = None, max_queue: int = 64,
                  steps_per_call: int = 4, num_blocks: int | None = None, block_size: int = 16,
-                 prefix_caching: bool = True, prefill_chunk: int = 512, decode_attention: str = "auto"):  # fmt: skip
+                 prefix_caching: bool = True, prefill_chunk: int = 512, decode_attention: str = "auto",
+                 speculation: Speculation | None = None):  # fmt: skip
         if model.tokenizer is None:
             raise ValueError("the engine serves text: this checkpoint has no tokenizer")
         self.model = model
         self.scheduler = Scheduler(model, max_batch=max_batch, max_len=max_len, steps_per_call=steps_per_call,
                                    num_blocks=num_blocks, block_size=block_size, prefix_caching=prefix_caching,
-                                   prefill_chunk=prefill_chunk, decode_attention=decode_attention)  # fmt: skip
+                                   prefill_chunk=prefill_chunk, decode_attention=decode_attention,
+                                   speculation=speculation)  # fmt: skip
         self.max_batch, self.max_len = self.scheduler.max_batch, self.scheduler.max_len
         self.max_queue = max_queue
         self._wake = threading.Event()

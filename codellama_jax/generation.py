@@ -20,6 +20,7 @@ from codellama_jax.buckets import bucket
 from codellama_jax.loader import Model
 from codellama_jax.sampling import SamplingParams
 from codellama_jax.scheduler import Scheduler, TokenLogprob, max_new_tokens
+from codellama_jax.speculative import Speculation, speculation
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]]
 
@@ -97,13 +98,14 @@ def _tokenizer(model: Model):
     return model.tokenizer
 
 
-def _scheduler(model: Model, prompts: Sequence[list[int]], params: SamplingParams, steps: int) -> Scheduler:
+def _scheduler(model: Model, prompts: Sequence[list[int]], params: SamplingParams, steps: int,
+               speculative: Speculation | None) -> Scheduler:  # fmt: skip
     """A scheduler with a row for every sample and room for the longest request (both rounded up
     to powers of two, so that calls of similar sizes share compiled programs), `steps` decode
     steps per call."""
     longest = max(len(ids) + max_new_tokens(model, len(ids), params.max_tokens) for ids in prompts)
     return Scheduler(model, max_batch=bucket(len(prompts) * params.n, minimum=1), max_len=bucket(longest),
-                     steps_per_call=steps)  # fmt: skip
+                     steps_per_call=steps, speculation=speculative)  # fmt: skip
 
 
 def generate(
@@ -115,6 +117,7 @@ def generate(
     tool_choice: str | Mapping[str, Any] | None = None,
     parallel_tool_calls: bool = True,
     suffix: str | None = None,
+    speculative: str | Speculation | None = None,
     **sampling: Any,
 ) -> list[Completion]:
     """Completions of a batch of prompts (text, token ids, or chat messages), `n` per prompt,
@@ -127,10 +130,15 @@ def generate(
     `tool_choice` "auto", "required", "none" or {"type": "function", "function": {"name"}})
     lets the model answer with calls, returned in `Completion.tool_calls` (tools.py's format).
 
+    `speculative="ngram"` (or a `Speculation` with its settings) verifies drafts of tokens copied
+    from the prompt and output so far, several tokens per forward pass where the output repeats
+    its input (code edits), and the grammar's forced tokens: the output is the same as without.
+
     The decode loop runs on the device until every row is done; with stop strings it returns to
     the host every few steps to look for them in the text, and under a grammar after every step.
     """
     params = SamplingParams(**sampling)
+    speculative = speculation(speculative)
     if isinstance(prompts, (str, Mapping)) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
         raise ValueError("prompts must be a list of prompts (each text, token ids, or chat messages)")
     if not prompts:
@@ -140,7 +148,7 @@ def generate(
     ids = [prompt_ids(model, p, offered, suffix=suffix) for p in prompts]
     if params.stop or params.logprobs:
         _tokenizer(model)
-    scheduler = _scheduler(model, ids, params, GENERATE_STEPS)
+    scheduler = _scheduler(model, ids, params, GENERATE_STEPS, speculative)
     chunks: list[list] = [[] for _ in range(len(ids) * params.n)]
     for p, prompt in enumerate(ids):
         scheduler.add(scheduler.sequences(prompt, params, lambda i, p=p: chunks[p * params.n + i].append, grammar, offered))
@@ -166,16 +174,17 @@ def generate(
 
 
 def stream(model: Model, prompt: Prompt, *, response_format: Mapping[str, Any] | None = None, suffix: str | None = None,
-           **sampling: Any) -> Iterator[str]:  # fmt: skip
+           speculative: str | Speculation | None = None, **sampling: Any) -> Iterator[str]:  # fmt: skip
     """Text deltas of one completion as they are decoded (stop strings never shown in part),
-    optionally constrained by `response_format`, or filling the gap before `suffix`, as in
-    `generate()`."""
+    optionally constrained by `response_format`, filling the gap before `suffix`, or
+    `speculative`, as in `generate()`."""
     params = SamplingParams(**sampling)
+    speculative = speculation(speculative)
     if params.n != 1:
         raise ValueError("stream() produces one completion; use generate() for n > 1")
     ids = prompt_ids(model, prompt, suffix=suffix)
     _tokenizer(model)
-    scheduler = _scheduler(model, [ids], params, steps=1)  # each token's text as soon as it is decoded
+    scheduler = _scheduler(model, [ids], params, 1, speculative)  # each token's text as soon as it is decoded
     chunks: list = []
     scheduler.add(scheduler.sequences(ids, params, lambda i: chunks.append, output_grammar(model, response_format)))
     while scheduler.has_work():

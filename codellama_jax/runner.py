@@ -119,6 +119,21 @@ class Decode:
     tables_bJ: np.ndarray
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Verify:
+    """One verify call (speculative decoding) of `rows` padded to `b`: each row's pending token
+    and its draft (`drafts_bK`, -1 past the row's draft) fed in one pass at the positions after
+    it, under a grammar bitmask per position (`allowed_bTW`, T = K + 1), `top_k` and
+    `tables_bJ` as in `Decode` (the tables cover the draft's positions too)."""
+
+    rows: tuple[int, ...]
+    b: int
+    top_k: int
+    drafts_bK: np.ndarray
+    allowed_bTW: np.ndarray
+    tables_bJ: np.ndarray
+
+
 @dataclasses.dataclass(frozen=True)
 class Output:
     """What a call produced, on the host: `tokens_bN[i, j]` is row `rows[i]`'s j-th token this
@@ -186,7 +201,7 @@ class Runner:
         self.shardings = state_shardings(config, mesh, max_batch, num_blocks, block_size, dtype)
         self.kernel = decode_kernel(mesh, block_size, config.head_dim, decode_attention)
         jitted = _jitted(model.graphdef, config, max_batch, num_blocks, block_size, dtype, self.shardings, self.kernel)
-        self._empty, self._prefill, self._first, self._decode = jitted
+        self._empty, self._prefill, self._first, self._decode, self._verify = jitted
         self.stop_ids = self._put(np.array(model.stop_token_ids or (-1,), np.int32))
         self.state = self._empty()
 
@@ -287,14 +302,27 @@ class Runner:
         args = self._put((np.full(b, self.max_batch, np.int32), free_bW, tables_bJ, np.int32(steps)))
         return self._decode.lower(steps, top_k, m.params, self.state, self.stop_ids, *args).compile()
 
-    def launch(self, plan: Decode) -> Launched:
+    def compile_verify(self, b: int, window: int, draft: int, top_k: int = 0) -> None:
+        """Compiles the verify call of `b` rows with drafts of `draft` tokens attending to
+        `window` positions without running it (warm-up)."""
+        W = structured.bitmask_words(self.model.config.vocab_size)
+        tables_bJ = np.full((b, blocks_for(window, self.block_size)), self.num_blocks, np.int32)
+        args = self._put((np.full(b, self.max_batch, np.int32), np.full((b, draft), -1, np.int32),
+                          np.full((b, draft + 1, W), -1, np.int32), tables_bJ))  # fmt: skip
+        self._verify.lower(top_k, self.model.params, self.state, self.stop_ids, *args).compile()
+
+    def launch(self, plan: Decode | Verify) -> Launched:
         """Dispatches a decode call of up to `plan.max_steps` tokens for each of the plan's rows,
-        without waiting for it: the device runs it after the calls dispatched before, while the
-        host goes on (`collect` waits for its tokens)."""
+        or a verify call, without waiting for it: the device runs it after the calls dispatched
+        before, while the host goes on (`collect` waits for its tokens)."""
         rows_b = np.full(plan.b, self.max_batch, np.int32)
         rows_b[: len(plan.rows)] = plan.rows
-        inputs = self._put((rows_b, plan.allowed_bW, plan.tables_bJ, np.int32(plan.max_steps)))
-        self.state, out = self._decode(plan.steps, plan.top_k, self.model.params, self.state, self.stop_ids, *inputs)
+        if isinstance(plan, Verify):
+            inputs = self._put((rows_b, plan.drafts_bK, plan.allowed_bTW, plan.tables_bJ))
+            self.state, out = self._verify(plan.top_k, self.model.params, self.state, self.stop_ids, *inputs)
+        else:
+            inputs = self._put((rows_b, plan.allowed_bW, plan.tables_bJ, np.int32(plan.max_steps)))
+            self.state, out = self._decode(plan.steps, plan.top_k, self.model.params, self.state, self.stop_ids, *inputs)
         return Launched(tuple(plan.rows), out)
 
     @staticmethod
@@ -321,7 +349,9 @@ def _jitted(graphdef, config, max_batch: int, num_blocks: int, block_size: int, 
                     out_shardings=(shardings, replicated))  # fmt: skip
     decode = jax.jit(functools.partial(_decode, graphdef, kernel), static_argnums=(0, 1), donate_argnums=(3,),
                      out_shardings=(shardings, replicated))  # fmt: skip
-    return empty, prefill, first, decode
+    verify = jax.jit(functools.partial(_verify, graphdef), static_argnums=(0,), donate_argnums=(2,),
+                     out_shardings=(shardings, replicated))  # fmt: skip
+    return empty, prefill, first, decode, verify
 
 
 def _empty(config, B: int, M: int, Z: int, dtype) -> RunnerState:
@@ -490,3 +520,68 @@ def _decode(graphdef, kernel, steps, top_k, params, state: RunnerState, stop_ids
         sampling=state.sampling,
     )
     return state, out
+
+
+def _verify(graphdef, top_k, params, state: RunnerState, stop_ids, rows_b, drafts_bK, allowed_bTW, tables_bJ):
+    """Feeds each row's pending token and its K-token draft at the positions after it in one
+    pass, then keeps the tokens `_pick_drafted` samples. The keys and values written at a
+    rejected draft token's position are overwritten before anything reads them."""
+    model = nnx.merge(graphdef, params)
+    b, K = drafts_bK.shape
+    M = state.cache.num_blocks
+    next_b, positions_b, remaining_b, counts_bV, seen_bV = (
+        _gather(x, rows_b) for x in (state.next_B, state.positions_B, state.remaining_B, state.counts_BV, state.seen_BV)
+    )
+    tokens_bT = jnp.concatenate([next_b[:, None], jnp.maximum(drafts_bK, 0)], axis=1)
+    positions_bT = positions_b[:, None] + jnp.arange(K + 1, dtype=jnp.int32)[None, :]
+    meta = AttentionMeta(positions_bT, jnp.where(remaining_b[:, None] > 0, tables_bJ, M), cached=True)
+    x_bTD, cache = model.hidden(tokens_bT, meta, state.cache)
+    picked, emitted_b, out = _pick_drafted(model.head(x_bTD), drafts_bK, rows_sampling(state.sampling, rows_b), counts_bV,
+                                           seen_bV, positions_b, allowed_bTW, remaining_b, stop_ids, top_k)  # fmt: skip
+
+    put = functools.partial(_scatter, rows_b=rows_b)
+
+    state = RunnerState(
+        cache=cache,
+        next_B=put(state.next_B, picked.token_b),
+        positions_B=put(state.positions_B, positions_b + emitted_b),
+        remaining_B=put(state.remaining_B, picked.remaining_b),
+        counts_BV=put(state.counts_BV, picked.counts_bV),
+        seen_BV=put(state.seen_BV, picked.seen_bV),
+        sampling=state.sampling,
+    )
+    return state, out
+
+
+def _pick_drafted(logits_bTV, drafts_bK, sampling, counts_bV, seen_bV, positions_b, allowed_bTW, remaining_b, stop_ids,
+                  top_k: int) -> tuple[Picked, jax.Array, tuple[jax.Array, ...]]:  # fmt: skip
+    """A verify call's tokens from its logits `[b, K+1, V]` (those after the pending token at
+    `positions_b`, then after each draft token): sampled in order as `_decode` samples them (same
+    processors, penalty counts and random draw per position), kept while each equals the draft
+    token fed after it, so a row's output is exactly what decoding one token at a time gives.
+    The first token that differs from the draft (or follows all of it) is kept too and ends the
+    row's call. A drafted token d is thus kept with the probability p(d) that the processed
+    distribution gives it, and otherwise the token is drawn from p without d, renormalized: the
+    speculative sampling rule for a draft that is a point mass. Returns each row's last token
+    and budget and counts after them, how many tokens it kept, and the tokens `[b, K+1]`."""
+    b, K = drafts_bK.shape
+    drafts_Tb = jnp.concatenate([drafts_bK.T, jnp.full((1, b), -1, jnp.int32)])  # nothing drafted after the last
+
+    def pick(carry, inputs):
+        going_b, last = carry
+        logits_bV, allowed_bW, draft_b, j = inputs
+        picked = _pick(logits_bV, sampling, last.counts_bV, last.seen_bV, positions_b + j + 1, allowed_bW,
+                       jnp.where(going_b, last.remaining_b, 0), stop_ids, top_k)  # fmt: skip
+        last = Picked(
+            jnp.where(going_b, picked.token_b, last.token_b),
+            (),
+            jnp.where(going_b, picked.remaining_b, last.remaining_b),
+            picked.counts_bV,
+            picked.seen_bV,
+        )
+        return (going_b & (picked.remaining_b > 0) & (picked.token_b == draft_b), last), (picked.out, going_b)
+
+    inputs = (jnp.moveaxis(logits_bTV, 1, 0), jnp.moveaxis(allowed_bTW, 1, 0), drafts_Tb, jnp.arange(K + 1, dtype=jnp.int32))
+    start = Picked(jnp.zeros(b, jnp.int32), (), remaining_b, counts_bV, seen_bV)
+    (_, last), (out_T, kept_Tb) = jax.lax.scan(pick, (remaining_b > 0, start), inputs)
+    return last, kept_Tb.sum(axis=0, dtype=jnp.int32), tuple(jnp.moveaxis(x, 0, 1) for x in out_T)

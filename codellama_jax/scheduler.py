@@ -29,8 +29,9 @@ from codellama_jax.blocks import BlockPool
 from codellama_jax.kv_cache import blocks_for
 from codellama_jax.errors import ContextLengthExceeded, RequestError
 from codellama_jax.loader import Model
-from codellama_jax.runner import Decode, Fill, Launched, Output, Prefill, Runner
+from codellama_jax.runner import Decode, Fill, Launched, Output, Prefill, Runner, Verify
 from codellama_jax.sampling import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
+from codellama_jax.speculative import DECODE_STEPS, Speculation, propose
 from codellama_jax.tokenizer import TextStream
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Sequence:
         self.prefilled = False  # its prompt's keys and values are in its blocks
         self.admitted = 0  # when it was last admitted (preemption takes the latest first)
         self.cached_tokens = 0  # prompt tokens found in the prefix cache when it was first admitted
+        self.draft_after = 0  # speculative decoding: no draft before this many output tokens (its last one failed)
 
     @property
     def context(self) -> list[int]:
@@ -145,11 +147,13 @@ class Scheduler:
     (by default enough for every row at `max_len`: exactly the sizes the memory planner counts;
     at least one sequence of `max_len`), `steps_per_call` decode steps per step, at most
     `prefill_chunk` prompt tokens prefilled per step (a longer prompt is prefilled in chunks,
-    between decode calls), decoding with `decode_attention` (attention.decode_kernel)."""
+    between decode calls), decoding with `decode_attention` (attention.decode_kernel), and with
+    `speculation` verifying each row's draft (speculative.py) instead of decoding, while at most
+    `speculation.max_rows` rows are live and some row has a draft."""
 
     def __init__(self, model: Model, *, max_batch: int = 8, max_len: int | None = None, steps_per_call: int = 4,
                  num_blocks: int | None = None, block_size: int = 16, prefix_caching: bool = True,
-                 prefill_chunk: int = 512, decode_attention: str = "auto"):  # fmt: skip
+                 prefill_chunk: int = 512, decode_attention: str = "auto", speculation: Speculation | None = None):  # fmt: skip
         if max_batch < 1 or (max_len is not None and max_len < 2) or block_size < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch, block_size and prefill_chunk must be at least 1 and max_len at least 2, "
                              f"got {max_batch}, {block_size}, {prefill_chunk} and {max_len}")  # fmt: skip
@@ -157,6 +161,9 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.steps_per_call = steps_per_call
+        self.speculation = speculation
+        self._lookahead = max(steps_per_call, speculation.num_tokens if speculation else 0)  # positions a call writes
+        self._decode_steps = min(steps_per_call, DECODE_STEPS) if speculation else steps_per_call
         self.prefill_chunk = prefill_chunk
         per_sequence = blocks_for(self.max_len, block_size)
         num_blocks = max_batch * per_sequence if num_blocks is None else num_blocks
@@ -167,14 +174,14 @@ class Scheduler:
         self.runner = Runner(model, self.max_batch, num_blocks, block_size, decode_attention)
         self.preemptions = 0
         self.prefix_queried_tokens = self.prefix_hit_tokens = 0  # prompt tokens looked up in the prefix cache, found
+        self.drafts = self.draft_tokens = self.accepted_draft_tokens = 0  # speculative decoding: drafts, their tokens, kept
         self._admissions = 0
         self.waiting: collections.deque[list[Sequence]] = collections.deque()
         self.resuming: collections.deque[list[Sequence]] = collections.deque()  # preempted: admitted before `waiting`
         self.rows: list[Sequence | None] = [None] * self.max_batch
         self._stop_ids = set(model.stop_token_ids)
         self._top_k = min(MAX_TOP_LOGPROBS, model.config.vocab_size)
-        self._free_mask = structured.fill_bitmask([None], model.config.vocab_size)[0]
-        self._in_flight: tuple[Launched, list[Sequence]] | None = None  # a decode call not collected yet
+        self._in_flight: tuple[Launched, list[Sequence], Decode | Verify] | None = None  # a call not collected yet
         self._chunking: Fill | None = None  # the last chunk run of a long prompt, while more remain
 
     def sequences(
@@ -233,7 +240,8 @@ class Scheduler:
                 "kv_cache_blocks_free": pool.num_free, "sequences_running": self.busy_rows,
                 "sequences_waiting": sum(len(group) for queue in (self.resuming, self.waiting) for group in list(queue)),
                 "preemptions": self.preemptions,
-                "prefix_cache_queried_tokens": self.prefix_queried_tokens, "prefix_cache_hit_tokens": self.prefix_hit_tokens}  # fmt: skip
+                "prefix_cache_queried_tokens": self.prefix_queried_tokens, "prefix_cache_hit_tokens": self.prefix_hit_tokens,
+                "speculative_drafts": self.drafts, "speculative_draft_tokens": self.draft_tokens, "speculative_accepted_tokens": self.accepted_draft_tokens}  # fmt: skip
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.resuming) or self.busy_rows > 0 or self._in_flight is not None
@@ -250,7 +258,7 @@ class Scheduler:
         if admitted is not None:
             self._deliver(self._prefill(admitted))
         plan = self.decode_plan()
-        launched = None if plan is None else (self.runner.launch(plan), [self.rows[row] for row in plan.rows])
+        launched = None if plan is None else (self.runner.launch(plan), [self.rows[row] for row in plan.rows], plan)
         self._collect()
         self._in_flight = launched
         if not self._may_run_ahead():
@@ -274,19 +282,22 @@ class Scheduler:
         the host's share of a call (dispatch, detokenizing), largest at one row, but a request
         arriving meanwhile waits a call longer for its row (16 clients here: time to first token
         0.44 s against 0.30), and so does a row the host ends (a stop string) for the call made
-        for nothing. So only for a lone row, while nothing waits, and not under a grammar (its
-        next mask needs the token before)."""
+        for nothing. So only for a lone row, while nothing waits, not under a grammar (its next
+        mask needs the token before) and not when speculating (a draft needs them too)."""
         live = [seq for seq in self.rows if seq is not None]
         return (not self.waiting and not self.resuming and self._chunking is None and len(live) <= 1
-                and all(seq.constraint is None for seq in live))  # fmt: skip
+                and self.speculation is None and all(seq.constraint is None for seq in live))  # fmt: skip
 
     def _collect(self) -> None:
         """Waits for the decode call in flight, if any, and delivers its chunks; a call whose
         sequences have all ended meanwhile (a stop string) is not waited for."""
         if self._in_flight is not None:
-            (launched, sequences), self._in_flight = self._in_flight, None
+            (launched, sequences, plan), self._in_flight = self._in_flight, None
             if any(self.rows[row] is seq for row, seq in zip(launched.rows, sequences)):
-                self._deliver(self.runner.collect(launched), sequences)
+                output = self.runner.collect(launched)
+                if isinstance(plan, Verify):
+                    self._count_accepted(plan, output, sequences)
+                self._deliver(output, sequences)
 
     def _deliver(self, output: Output, sequences: list[Sequence] | None = None) -> None:
         """Each row's new tokens through its sequence (`sequences`: those the rows held when the
@@ -358,15 +369,21 @@ class Scheduler:
         cached = self.pool.prefix_caching or self.prefill_chunk < self.max_len
         return self.pool.blocks_for(self.max_len) if cached else 0
 
-    def decode_plan(self) -> Decode | None:
-        """One decode call over every live row (prefilled: not a long prompt still in chunks);
-        None when no row is live."""
+    def decode_plan(self) -> Decode | Verify | None:
+        """One decode call over every live row (prefilled: not a long prompt still in chunks), or
+        a verify call when speculating and some row has a draft; None when no row is live."""
+        V = self.model.config.vocab_size
         while True:  # a row whose grammar cannot go on fails, a preempted one waits: plan the others again
             live = [(row, seq) for row, seq in enumerate(self.rows) if seq is not None and seq.prefilled]
             if not live:
                 return None
+            drafts = self._drafts(live)
+            constraints = [seq.constraint for _, seq in live]
             try:
-                allowed = structured.fill_bitmask([seq.constraint for _, seq in live], self.model.config.vocab_size)
+                if drafts is None:
+                    allowed = structured.fill_bitmask(constraints, V)
+                else:
+                    allowed = structured.fill_draft_bitmasks(constraints, drafts, V, self.speculation.num_tokens + 1)
             except structured.ConstraintError as e:
                 for i, error in e.errors.items():
                     row, seq = live[i]
@@ -376,28 +393,74 @@ class Scheduler:
             if self._grow(live):
                 break
         b = buckets.rows_bucket(len(live), self.max_batch)
-        allowed_bW = np.tile(self._free_mask, (b, 1))
-        allowed_bW[: len(live)] = allowed
         window = buckets.window_bucket(max(self._positions_after_call(seq) for _, seq in live), self.max_len)
         tables_bJ = np.full((b, self.pool.blocks_for(window)), self.pool.num_blocks, np.int32)
         for i, (_, seq) in enumerate(live):
             tables_bJ[i, : len(seq.blocks)] = seq.blocks
+        rows = tuple(row for row, _ in live)
+        top_k = self._top_k if any(seq.params.logprobs for _, seq in live) else 0  # 0: no logprobs at all
+        allowed_b = np.full((b, *allowed.shape[1:]), -1, np.int32)  # padding rows: free
+        allowed_b[: len(live)] = allowed
+        if drafts is not None:
+            drafts_bK = np.full((b, self.speculation.num_tokens), -1, np.int32)
+            for i, draft in enumerate(drafts):
+                drafts_bK[i, : len(draft)] = draft
+            self.drafts += sum(map(bool, drafts))
+            self.draft_tokens += sum(map(len, drafts))
+            return Verify(rows=rows, b=b, top_k=top_k, drafts_bK=drafts_bK, allowed_bTW=allowed_b, tables_bJ=tables_bJ)
         return Decode(
-            rows=tuple(row for row, _ in live),
+            rows=rows,
             b=b,
             steps=self.steps_per_call,
-            max_steps=1 if any(seq.constraint is not None for _, seq in live) else self.steps_per_call,  # a grammar's mask holds for one token
-            top_k=self._top_k if any(seq.params.logprobs for _, seq in live) else 0,  # 0: no logprobs at all
-            allowed_bW=allowed_bW,
+            max_steps=1 if any(c is not None for c in constraints) else self._decode_steps,  # a grammar's mask holds for one token
+            top_k=top_k,
+            allowed_bW=allowed_b,
             tables_bJ=tables_bJ,
         )
+
+    def _drafts(self, live: list[tuple[int, Sequence]]) -> list[list[int]] | None:
+        """Each live row's draft (speculative.py), or None when this call decodes instead:
+        speculation off, more rows than it pays for, or no row with a draft."""
+        spec = self.speculation
+        if spec is None or len(live) > spec.max_rows or self._in_flight is not None:
+            return None
+        drafts = [self._draft(seq, spec) for _, seq in live]
+        return drafts if any(drafts) else None
+
+    @staticmethod
+    def _draft(seq: Sequence, spec: Speculation) -> list[int]:
+        """A row's draft: the tokens its grammar forces, else what followed its latest suffix's
+        earlier occurrence (as far as its grammar allows); never more than its budget can keep
+        (a verify call keeps one token past the draft)."""
+        limit = min(spec.num_tokens, seq.max_new - seq.completion_tokens - 1)
+        if limit <= 0 or seq.completion_tokens < seq.draft_after:
+            return []
+        if seq.constraint is not None:
+            forced = seq.constraint.forced()
+            if forced:
+                return forced[:limit]
+        draft = propose(seq.context, spec.ngram_min, spec.ngram_max, limit)
+        return seq.constraint.valid_prefix(draft) if seq.constraint is not None and draft else draft
+
+    def _count_accepted(self, plan: Verify, output: Output, sequences: list[Sequence]) -> None:
+        """Adds a verify call's kept draft tokens (each row's leading tokens equal to its draft).
+        A row whose draft failed at its first token drafts again only after a plain decode
+        call: a draft costs the forward pass more positions, and text with nothing to copy
+        (prose) gets spurious matches, almost all rejected at once."""
+        n, K = len(plan.rows), plan.drafts_bK.shape[1]
+        drafts_nK = plan.drafts_bK[:n]
+        accepted_n = np.cumprod((output.tokens_bN[:, :K] == drafts_nK) & (drafts_nK >= 0), axis=1).sum(axis=1)
+        self.accepted_draft_tokens += int(accepted_n.sum())
+        for seq, draft, accepted in zip(sequences, drafts_nK[:, 0], accepted_n):
+            if draft >= 0 and accepted == 0:
+                seq.draft_after = seq.completion_tokens + 1 + DECODE_STEPS
 
     def _positions_after_call(self, seq: Sequence) -> int:
         """Positions a live sequence may have written after the next decode call (its pending
         token's position is one less than its prompt and output; a call in flight may add
         `steps_per_call` more)."""
-        ahead = self.steps_per_call if self._in_flight is not None else 0
-        return min(len(seq.prompt_ids) + seq.completion_tokens + ahead + self.steps_per_call, self.max_len)
+        ahead = self._lookahead if self._in_flight is not None else 0
+        return min(len(seq.prompt_ids) + seq.completion_tokens + ahead + self._lookahead, self.max_len)
 
     def _wanted(self, seq: Sequence) -> int:
         """Blocks a live sequence needs beyond those it holds for the next decode call."""
@@ -449,7 +512,7 @@ class Scheduler:
         """Blocks that `samples` samples of a `length`-token prompt hold after their first decode
         call: the prompt's full blocks once, and the rest for each sample."""
         shared = length // self.pool.block_size
-        first_call = self.pool.blocks_for(min(length + 1 + self.steps_per_call, self.max_len))
+        first_call = self.pool.blocks_for(min(length + 1 + self._lookahead, self.max_len))
         return shared + (first_call - shared) * samples
 
     def _admit(self, budget: int) -> list[Fill]:

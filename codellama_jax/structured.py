@@ -225,6 +225,15 @@ class Constraint:
             raise RequestError(f"constrained decoding: token {token_id} refused: {_short(self.matcher.get_error())}",
                                param=self.param)  # fmt: skip
 
+    def forced(self) -> list[int]:
+        """The tokens the grammar forces from here (a JSON schema's fixed keys), in the
+        tokenization llguidance prefers: a draft that costs no guessing."""
+        return list(self.matcher.compute_ff_tokens())
+
+    def valid_prefix(self, tokens: Sequence[int]) -> list[int]:
+        """The longest prefix of `tokens` the grammar allows from here."""
+        return list(tokens[: self.matcher.validate_tokens(list(tokens))])
+
     @property
     def complete(self) -> bool:
         """The output so far is a whole sentence of the grammar."""
@@ -247,15 +256,29 @@ class ConstraintError(RuntimeError):
 def fill_bitmask(constraints: Sequence[Constraint | None], vocab_size: int) -> np.ndarray:
     """The next step's allowed tokens, `[len(constraints), ceil(V/32)]` int32, bit `t % 32` of
     word `t // 32` for token t; rows without a constraint allow everything."""
-    bitmask_BW = np.full((len(constraints), bitmask_words(vocab_size)), -1, np.int32)
-    rows = [(c.matcher, b) for b, c in enumerate(constraints) if c is not None]
-    if rows:
-        llguidance.numpy.fill_next_token_bitmask_par(_executor, rows, bitmask_BW)
-        failed = {b: RequestError(f"constrained decoding failed: {_short(m.get_error())}", param=constraints[b].param)
-                  for m, b in rows if m.is_error()}  # fmt: skip
-        if failed:
-            raise ConstraintError(failed)
-    return bitmask_BW
+    return fill_draft_bitmasks(constraints, [()] * len(constraints), vocab_size, 1)[:, 0]
+
+
+def fill_draft_bitmasks(constraints: Sequence[Constraint | None], drafts: Sequence[Sequence[int]], vocab_size: int,
+                        positions: int) -> np.ndarray:  # fmt: skip
+    """Allowed tokens at each of `positions` positions of a verify call, `[len(constraints),
+    positions, ceil(V/32)]`: row b's next token, then the token after each of its draft tokens
+    in turn (drafts the grammar allows, shorter than `positions`); past a row's draft, and for
+    rows without a constraint, every token."""
+    bitmask_BTW = np.full((len(constraints), positions, bitmask_words(vocab_size)), -1, np.int32)
+    flat = bitmask_BTW.reshape(-1, bitmask_BTW.shape[-1])
+    rows = [(b, c.matcher, list(map(int, drafts[b]))) for b, c in enumerate(constraints) if c is not None]
+    drafted = [(m, b * positions, draft) for b, m, draft in rows if draft]  # llguidance refuses an empty draft
+    if drafted:
+        llguidance.numpy.fill_next_token_bitmask_par_with_draft_tokens(_executor, drafted, flat)
+    undrafted = [(m, b * positions) for b, m, draft in rows if not draft]
+    if undrafted:
+        llguidance.numpy.fill_next_token_bitmask_par(_executor, undrafted, flat)
+    failed = {b: RequestError(f"constrained decoding failed: {_short(m.get_error())}", param=constraints[b].param)
+              for b, m, _ in rows if m.is_error()}  # fmt: skip
+    if failed:
+        raise ConstraintError(failed)
+    return bitmask_BTW
 
 
 def _short(message: str, limit: int = 300) -> str:

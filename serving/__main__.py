@@ -16,6 +16,7 @@ from pathlib import Path
 
 from codellama_jax import buckets, demo_model
 from codellama_jax.checkpoint import FORMAT_FILE
+from codellama_jax.speculative import Speculation
 
 ENV_API_KEYS = "CODELLAMA_API_KEYS"
 LISTEN_BACKLOG = 1024
@@ -50,6 +51,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode-attention", choices=["auto", "reference"], default="auto",
                         help="decode attention over the paged cache: auto (JAX's Pallas paged-attention kernel on one "
                         "GPU or TPU, the pure-JAX reference elsewhere) or reference (always; default auto)")  # fmt: skip
+    parser.add_argument("--speculative", choices=["ngram", "off"], default="ngram",
+                        help="speculative decoding: ngram (prompt lookup: while few rows run, a row whose recent tokens "
+                        "occurred before gets the tokens that followed them as a draft, verified in one forward pass; "
+                        "under a grammar, the tokens it forces) or off (default ngram)")  # fmt: skip
+    parser.add_argument("--num-speculative-tokens", type=int, default=Speculation.num_tokens, metavar="K",
+                        help="tokens per draft (default %(default)s)")
+    parser.add_argument("--ngram-min", type=int, default=Speculation.ngram_min, metavar="N",
+                        help="shortest recurring suffix that makes a draft (default %(default)s)")
+    parser.add_argument("--ngram-max", type=int, default=Speculation.ngram_max, metavar="N",
+                        help="longest suffix matched: the longest match picks which earlier occurrence is copied "
+                        "(default %(default)s)")  # fmt: skip
+    parser.add_argument("--speculative-max-rows", type=int, default=Speculation.max_rows, metavar="ROWS",
+                        help="speculate only while at most this many rows decode: a larger batch's step is closer to "
+                        "compute-bound (default %(default)s)")  # fmt: skip
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     parser.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on accelerators, float32 on CPU")
@@ -75,6 +90,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("max_batch", "block_size", "prefill_chunk"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    try:
+        args.speculation = None if args.speculative == "off" else Speculation(
+            args.num_speculative_tokens, args.ngram_min, args.ngram_max, args.speculative_max_rows)
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 
@@ -164,7 +184,8 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     num_blocks = None if args.kv_cache_memory is None else kv_blocks(model, args.kv_cache_memory, args.block_size)
     engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue,
                     num_blocks=num_blocks, block_size=args.block_size, prefix_caching=args.prefix_caching,
-                    prefill_chunk=args.prefill_chunk, decode_attention=args.decode_attention)  # fmt: skip
+                    prefill_chunk=args.prefill_chunk, decode_attention=args.decode_attention,
+                    speculation=args.speculation)  # fmt: skip
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     config = ServerConfig(args.served_model_name or served_name(path), (args.price_input, args.price_output), keys,
                           allowed_origins=origins)  # fmt: skip
@@ -188,9 +209,12 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         shutdown = asyncio.Event()
         server = asyncio.create_task(serve(app, hyper, shutdown_trigger=shutdown.wait))
         scheduler = engine.scheduler
-        log.info("serving %r on %s (%d slots, %d KV cache blocks of %d tokens, decode attention: %s, %s)",
+        spec = args.speculation
+        log.info("serving %r on %s (%d slots, %d KV cache blocks of %d tokens, decode attention: %s, speculative: %s, %s)",
                  config.served_model_name, address, engine.max_batch, scheduler.pool.num_blocks,
-                 scheduler.pool.block_size, scheduler.runner.kernel, "API keys required" if keys else "no API keys")  # fmt: skip
+                 scheduler.pool.block_size, scheduler.runner.kernel,
+                 f"ngram, {spec.num_tokens} tokens, up to {spec.max_rows} rows" if spec else "off",
+                 "API keys required" if keys else "no API keys")  # fmt: skip
         await asyncio.wait([server, asyncio.create_task(signalled.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not server.done():
             await drain(app, engine, args.drain_timeout)

@@ -69,7 +69,8 @@ class Metrics:
 
 class _SchedulerCollector:
     """The scheduler's own figures, read when scraped: KV cache blocks, sequences running and
-    waiting, preemptions, prefix cache lookups and hits (in tokens)."""
+    waiting, preemptions, prefix cache lookups and hits (in tokens), speculative drafts and their
+    tokens proposed and accepted."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -79,12 +80,16 @@ class _SchedulerCollector:
         for name, text in (("kv_cache_blocks", "KV cache blocks"), ("kv_cache_blocks_used", "KV cache blocks held"),
                            ("sequences_running", "sequences decoding"), ("sequences_waiting", "sequences waiting for a row")):  # fmt: skip
             yield GaugeMetricFamily(f"codellama_{name}", text, value=stats[name])
-        yield CounterMetricFamily("codellama_preemptions", "sequences preempted (KV cache full), prefilled again later",
-                                  value=stats["preemptions"])  # fmt: skip
-        yield CounterMetricFamily("codellama_prefix_cache_queried_tokens", "prompt tokens looked up in the prefix cache",
-                                  value=stats["prefix_cache_queried_tokens"])  # fmt: skip
-        yield CounterMetricFamily("codellama_prefix_cache_hit_tokens", "prompt tokens found in the prefix cache (not prefilled)",
-                                  value=stats["prefix_cache_hit_tokens"])  # fmt: skip
+        counters = (
+            ("preemptions", "sequences preempted (KV cache full), prefilled again later"),
+            ("prefix_cache_queried_tokens", "prompt tokens looked up in the prefix cache"),
+            ("prefix_cache_hit_tokens", "prompt tokens found in the prefix cache (not prefilled)"),
+            ("speculative_drafts", "drafts verified (speculative decoding)"),
+            ("speculative_draft_tokens", "tokens proposed in drafts"),
+            ("speculative_accepted_tokens", "draft tokens accepted (each one a forward pass saved)"),
+        )
+        for name, text in counters:
+            yield CounterMetricFamily(f"codellama_{name}", text, value=stats[name])
 
 
 def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
