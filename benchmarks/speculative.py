@@ -88,11 +88,12 @@ def summarize_orders(orders, customers, discount_rate, currency, min_total=0, in
         "currency": currency,
     }
 '''
+EDIT = "Add type hints to every parameter and to the return value of this Python function. " \
+    "Return the whole function and nothing else.\n\n"  # fmt: skip
 WORKLOADS = {  # prompt, and tokens at most: the demo model's story starts repeating itself after ~250
-    "edit": ("Add type hints to every parameter and to the return value of this Python function. "
-             "Return the whole function and nothing else.\n\n" + FUNCTION, 1024),
+    "edit": (EDIT + FUNCTION, 1024),
     "prose": ("Write a long story about a lighthouse keeper who finds a message in a bottle.", 200),
-}  # fmt: skip
+}
 
 
 def run(model, prompt: list[int], new_tokens: int, spec: Speculation | None, batch: int) -> tuple[float, list[int], Scheduler]:
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--num-tokens", type=int, nargs="+", default=[Speculation.num_tokens], help="draft lengths to try")
     parser.add_argument("--ngram-min", type=int, default=Speculation.ngram_min)
     parser.add_argument("--ngram-max", type=int, nargs="+", default=[Speculation.ngram_max])
+    parser.add_argument("--lines", type=int, help="edit only the function's first LINES lines (default: all 60)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1], help="copies of the request decoded at once")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -132,6 +134,8 @@ def main() -> None:
           f"{'drafted':>9}{'accepted':>9}{'rate':>6}{'per draft':>10}  identical")  # fmt: skip
     for workload, batch in itertools.product(args.workloads, args.batches):
         text, new_tokens = WORKLOADS[workload]
+        if workload == "edit" and args.lines:
+            text = EDIT + "".join(FUNCTION.splitlines(keepends=True)[: args.lines])
         new_tokens = args.new_tokens or new_tokens
         prompt = model.chat_template.encode(model.tokenizer, [{"role": "user", "content": text}])
         run(model, prompt, new_tokens, None, batch)  # compiles

@@ -6,8 +6,9 @@ within a token budget), decode rows (from 1) and the cache window a decode call 
 64) to a power of two; prompt lengths (from 16) to a power of two or three quarters of one, since
 prefill compute grows with the padding (a 40-token prompt runs as 48 tokens, not 64; it costs
 about 1.5x the prefill shapes). So a server of `max_batch` rows and `max_len` tokens meets a
-known set of shapes (109 for 16 rows of 1024 tokens: prefill, first-token and decode calls),
-and `warm_up` compiles them all before serving, decode with logprobs included. Left lazy:
+known set of shapes (109 for 16 rows of 1024 tokens: prefill, first-token and decode calls;
+with speculation, 30 verify calls more), and `warm_up` compiles them all before serving, decode
+and verify with logprobs included. Left lazy:
 prefill (and its first-token call) of a prompt with n > 1 samples (compiled by the first such
 request of each prompt bucket, stalling the engine meanwhile; it would double the prefill
 shapes for a rare request).

@@ -7,8 +7,10 @@ call as block tables. `prefill` runs some prompts, writes their keys and values 
 blocks and their sampling settings into chosen rows, and samples each row's first token
 (so it reaches its client without waiting for a decode step); `launch` dispatches a decode call
 that advances chosen rows up to `steps` tokens each, feeding the token sampled last and sampling
-the next, and `collect` returns only those tokens (and their logprobs), never the history. A
-row's last token is never fed. Both calls take and return the state with its buffers donated
+the next, and `collect` returns only those tokens (and their logprobs), never the history; a
+verify call (speculative decoding) instead feeds each row's pending token and a draft of K
+tokens in one pass and returns the tokens of the draft the row samples itself, and the one
+after them. A row's last token is never fed. Both calls take and return the state with its buffers donated
 and `out_shardings` pinned, so the cache is created on its shards and never lands whole on one
 device or gets replicated unless `sharding.RULES` says so. Which rows run, with which shapes, is
 the scheduler's decision (scheduler.py); shapes come from buckets.py.

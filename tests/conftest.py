@@ -140,10 +140,11 @@ PRICES = (2.0, 6.0)
 
 @contextlib.contextmanager
 def running_server(model, *, max_batch=4, max_queue=64, start_engine=True, keys=(KEY,), max_body_bytes=2**20,
-                   allowed_origins=()):  # fmt: skip
+                   allowed_origins=(), speculation=None):  # fmt: skip
     """The app on a free port in a background thread; yields its base URL, the engine and the
     server's event loop."""
-    engine = Engine(model, max_batch=max_batch, max_len=1024, max_queue=max_queue, steps_per_call=2)
+    engine = Engine(model, max_batch=max_batch, max_len=1024, max_queue=max_queue, steps_per_call=2,
+                    speculation=speculation)  # fmt: skip
     config = ServerConfig(NAME, PRICES, tuple(keys), max_body_bytes=max_body_bytes, allowed_origins=tuple(allowed_origins))
     app = create_app(model, engine, config)
     with socket.socket() as s:

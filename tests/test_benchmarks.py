@@ -41,6 +41,13 @@ def test_structured_benchmark(tiny):
     assert len([line for line in out.splitlines() if line.split()[:1] == ["2"]]) == 1, out
 
 
+def test_speculative_benchmark(tiny_long):
+    out = _run("benchmarks/speculative.py", "--model", str(tiny_long), "--new-tokens", "12", "--repeats", "1",
+               "--num-tokens", "2", "--ngram-min", "1", "--lines", "3")  # fmt: skip
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["edit"], ["prose"])]
+    assert len(rows) == 2 and all(row[-1] == "True" for row in rows), out  # identical text with and without
+
+
 def test_serve_benchmark(tiny_long):
     from codellama_jax import load
 

@@ -15,6 +15,7 @@ from codellama_jax.generation import chat, generate, stream
 from codellama_jax.runner import Runner
 from codellama_jax.sampling import SamplingParams
 from codellama_jax.scheduler import Scheduler
+from codellama_jax.speculative import Speculation
 from jax._src.dispatch import BACKEND_COMPILE_EVENT
 
 from conftest import SP_VOCAB, write_hf_checkpoint
@@ -113,10 +114,10 @@ def test_max_tokens_zero_and_default(tiny):
 
 def test_no_compile_after_warm_up_for_every_prompt_length(tiny):
     """Warm-up covers every shape a server of this size meets: prompts of every length up to
-    max_len, alone and together, some with top logprobs, some after a cached prefix, then
-    compile nothing."""
+    max_len, alone and together, some with top logprobs, some after a cached prefix, decode and
+    verify calls (speculation), then compile nothing."""
     model, _ = tiny  # a 128-token context
-    scheduler = Scheduler(model, max_batch=4, max_len=128, steps_per_call=3)
+    scheduler = Scheduler(model, max_batch=4, max_len=128, steps_per_call=3, speculation=Speculation(3, 1, 4))
     buckets.warm_up(scheduler)
     compiles = []
 
@@ -145,7 +146,7 @@ def test_no_compile_after_warm_up_for_every_prompt_length(tiny):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert sum(c.finish_reason is not None for c in done) == 124
-    assert compiles == []
+    assert compiles == [] and scheduler.drafts > 0
 
 
 def test_stop_strings_across_tokens_in_generate_and_stream(tiny):

@@ -23,6 +23,7 @@ from codellama_jax import chat, generate, load
 from codellama_jax.checkpoint import convert
 from codellama_jax.convert import open_checkpoint
 from codellama_jax.serving.__main__ import served_name
+from codellama_jax.speculative import Speculation
 
 from conftest import KEY, NAME, PRICES, running_server, write_hf_checkpoint
 from openai_spec import validator
@@ -521,6 +522,33 @@ def test_missing_key_and_openapi(server):
     assert httpx.get(f"{url}/health").json()["kv_cache_blocks_free"] == blocks
 
 
+def test_speculation_through_the_openai_client_changes_no_token(model):
+    """A server verifying prompt-lookup drafts answers exactly as the library does without them,
+    streamed or whole, n = 2 seeded, with logprobs; /metrics counts the drafts it kept."""
+    messages = [{"role": "user", "content": "Repeat: alpha beta gamma alpha beta gamma alpha beta"}]
+    settings = dict(temperature=0.2, seed=3, n=2, max_tokens=40)
+    want = [c.text for c in generate(model, [messages], **settings)]
+    greedy = generate(model, [messages], temperature=0.0, max_tokens=30, logprobs=True, top_logprobs=2)[0]
+    with running_server(model, max_batch=2, speculation=Speculation(num_tokens=4, ngram_min=1)) as (url, _, _):
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        whole = c.chat.completions.create(model=NAME, messages=messages, **settings)
+        assert [choice.message.content for choice in whole.choices] == want
+        streamed = ["", ""]
+        for chunk in c.chat.completions.create(model=NAME, messages=messages, stream=True, **settings):
+            for choice in chunk.choices:
+                streamed[choice.index] += choice.delta.content or ""
+        assert streamed == want
+        reply = c.chat.completions.create(model=NAME, messages=messages, temperature=0.0, max_tokens=30, logprobs=True,
+                                          top_logprobs=2)  # fmt: skip
+        assert reply.choices[0].message.content == greedy.text
+        got = [(bytes(x.bytes), [bytes(t.bytes) for t in x.top_logprobs]) for x in reply.choices[0].logprobs.content]
+        assert got == [(x.bytes, [t.bytes for t in x.top]) for x in greedy.logprobs]
+        metrics = httpx.get(f"{url}/metrics").text
+    drafted, accepted = (float(re.search(rf"^codellama_speculative_{name}_total (\S+)$", metrics, re.M)[1])
+                         for name in ("draft_tokens", "accepted_tokens"))  # fmt: skip
+    assert 0 < accepted <= drafted, metrics
+
+
 def test_16_concurrent_streams_equal_one_at_a_time(server, model):
     url = server[0]
     prompts = [[{"role": "user", "content": f"Count to {i}."}] for i in range(16)]
@@ -645,6 +673,17 @@ def test_a_port_in_use_is_an_error_at_once_naming_the_address(tmp_path):
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr, done.stderr
     assert "absent" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ngram-min", "5", "--ngram-max", "2"], "need 1 <= ngram_min <= ngram_max (--ngram-min, --ngram-max), got 5 and 2"),
+    (["--num-speculative-tokens", "0"], "num_tokens (--num-speculative-tokens) must be in [1, 64], got 0"),
+    (["--speculative", "eagle"], "argument --speculative: invalid choice: 'eagle'"),
+])  # fmt: skip
+def test_bad_speculative_flags_are_refused_before_loading(tmp_path, flags, message):
+    done = subprocess.run([sys.executable, "-m", "codellama_jax.serving", "--model", str(tmp_path / "absent"), *flags],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("module", ["codellama_jax.serving", "codellama_jax.convert", "codellama_jax.plan"])

@@ -9,7 +9,7 @@ import pytest
 import scipy.stats
 
 from codellama_jax import load, structured
-from codellama_jax.generation import generate
+from codellama_jax.generation import generate, stream
 from codellama_jax.runner import _pick_drafted
 from codellama_jax.sampling import SamplingArrays, SamplingParams, process
 from codellama_jax.scheduler import Scheduler
@@ -123,10 +123,13 @@ def test_grammar_forced_tokens_are_drafted_and_verified(model):
     assert stats["speculative_accepted_tokens"] >= 4, stats
 
 
-def test_generate_takes_speculative_by_name(model):
-    want = generate(model, PROMPTS[:2], temperature=0.0, max_tokens=20)
-    got = generate(model, PROMPTS[:2], temperature=0.0, max_tokens=20, speculative="ngram")
-    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+def test_generate_and_stream_take_speculative_by_name(model):
+    prompt = "def add(a, b): return a + b\ndef add(a, b):"
+    want = generate(model, [prompt], temperature=0.0, max_tokens=20)[0]
+    assert generate(model, [prompt], temperature=0.0, max_tokens=20, speculative="ngram")[0].token_ids == want.token_ids
+    assert "".join(stream(model, prompt, temperature=0.0, max_tokens=20, speculative=SPEC)) == want.text
+    with pytest.raises(ValueError, match="speculative settings need speculative='ngram'"):
+        speculation(None, num_tokens=3)
 
 
 def test_a_drafted_token_is_kept_with_its_probability_and_the_rest_renormalized():
