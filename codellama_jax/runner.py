@@ -10,7 +10,7 @@ that advances chosen rows up to `steps` tokens each, feeding the token sampled l
 the next, and `collect` returns only those tokens (and their logprobs), never the history; a
 verify call (speculative decoding) instead feeds each row's pending token and a draft of K
 tokens in one pass and returns the tokens of the draft the row samples itself, and the one
-after them. A row's last token is never fed. Both calls take and return the state with its buffers donated
+after them. A row's last token is never fed. Every call takes and returns the state with its buffers donated
 and `out_shardings` pinned, so the cache is created on its shards and never lands whole on one
 device or gets replicated unless `sharding.RULES` says so. Which rows run, with which shapes, is
 the scheduler's decision (scheduler.py); shapes come from buckets.py.
@@ -150,7 +150,7 @@ class Output:
 
 
 class Launched(NamedTuple):
-    """A decode call dispatched to the device: its rows and its outputs, not yet computed."""
+    """A decode or verify call dispatched to the device: its rows and its outputs, not yet computed."""
 
     rows: tuple[int, ...]
     out: tuple[jax.Array, ...]
@@ -329,7 +329,7 @@ class Runner:
 
     @staticmethod
     def collect(launched: Launched) -> Output:
-        """What a launched decode call produced, once the device has run it."""
+        """What a launched decode or verify call produced, once the device has run it."""
         n = len(launched.rows)
         return Output(launched.rows, *(x[:n] for x in jax.device_get(launched.out)))
 

@@ -31,10 +31,15 @@ from codellama_jax.errors import ContextLengthExceeded, RequestError
 from codellama_jax.loader import Model
 from codellama_jax.runner import Decode, Fill, Launched, Output, Prefill, Runner, Verify
 from codellama_jax.sampling import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
-from codellama_jax.speculative import DECODE_STEPS, Speculation, propose
+from codellama_jax.speculative import Speculation, propose
 from codellama_jax.tokenizer import TextStream
 
 log = logging.getLogger(__name__)
+
+# Speculative decoding: a row that missed (found no draft, or had one rejected at its first token)
+# tries again after BACKOFF tokens, doubling with each miss in a row up to MAX_BACKOFF; plain
+# decode calls meanwhile run until the first live row may draft again.
+BACKOFF, MAX_BACKOFF = 4, 32
 
 
 @dataclasses.dataclass
@@ -74,7 +79,8 @@ class Sequence:
         self.prefilled = False  # its prompt's keys and values are in its blocks
         self.admitted = 0  # when it was last admitted (preemption takes the latest first)
         self.cached_tokens = 0  # prompt tokens found in the prefix cache when it was first admitted
-        self.draft_after = 0  # speculative decoding: no draft before this many output tokens (its last one failed)
+        self.draft_after = 0  # speculative decoding: no copied draft before this many output tokens
+        self.draft_backoff = 0  # how long it waits after a miss (no draft, or one rejected at once)
 
     @property
     def context(self) -> list[int]:
@@ -163,7 +169,6 @@ class Scheduler:
         self.steps_per_call = steps_per_call
         self.speculation = speculation
         self._lookahead = max(steps_per_call, speculation.num_tokens if speculation else 0)  # positions a call writes
-        self._decode_steps = min(steps_per_call, DECODE_STEPS) if speculation else steps_per_call
         self.prefill_chunk = prefill_chunk
         per_sequence = blocks_for(self.max_len, block_size)
         num_blocks = max_batch * per_sequence if num_blocks is None else num_blocks
@@ -283,13 +288,15 @@ class Scheduler:
         arriving meanwhile waits a call longer for its row (16 clients here: time to first token
         0.44 s against 0.30), and so does a row the host ends (a stop string) for the call made
         for nothing. So only for a lone row, while nothing waits, not under a grammar (its next
-        mask needs the token before) and not when speculating (a draft needs them too)."""
+        mask needs the token before) and, when speculating, only while the row cannot draft
+        before the call after next (a draft needs the newest tokens too)."""
         live = [seq for seq in self.rows if seq is not None]
+        backing_off = all(seq.draft_after - seq.completion_tokens > 2 * self.steps_per_call for seq in live)
         return (not self.waiting and not self.resuming and self._chunking is None and len(live) <= 1
-                and self.speculation is None and all(seq.constraint is None for seq in live))  # fmt: skip
+                and (self.speculation is None or backing_off) and all(seq.constraint is None for seq in live))  # fmt: skip
 
     def _collect(self) -> None:
-        """Waits for the decode call in flight, if any, and delivers its chunks; a call whose
+        """Waits for the call in flight, if any, and delivers its chunks; a call whose
         sequences have all ended meanwhile (a stop string) is not waited for."""
         if self._in_flight is not None:
             (launched, sequences, plan), self._in_flight = self._in_flight, None
@@ -378,22 +385,27 @@ class Scheduler:
             if not live:
                 return None
             drafts = self._drafts(live)
+            verify = drafts is not None and any(drafts)
             constraints = [seq.constraint for _, seq in live]
             try:
-                if drafts is None:
-                    allowed = structured.fill_bitmask(constraints, V)
-                else:
+                if verify:
                     allowed = structured.fill_draft_bitmasks(constraints, drafts, V, self.speculation.num_tokens + 1)
+                else:
+                    allowed = structured.fill_bitmask(constraints, V)
             except structured.ConstraintError as e:
                 for i, error in e.errors.items():
                     row, seq = live[i]
                     self._free(row)
                     seq.deliver(error)
                 continue
-            if self._grow(live):
+            positions = self.speculation.num_tokens if verify else self.steps_per_call  # what the call may write
+            if self._grow(live, positions):
                 break
+        for (_, seq), draft in zip(live, drafts or ()):
+            if not draft and seq.completion_tokens >= seq.draft_after:
+                self._back_off(seq)
         b = buckets.rows_bucket(len(live), self.max_batch)
-        window = buckets.window_bucket(max(self._positions_after_call(seq) for _, seq in live), self.max_len)
+        window = buckets.window_bucket(max(self._positions_after_call(seq, positions) for _, seq in live), self.max_len)
         tables_bJ = np.full((b, self.pool.blocks_for(window)), self.pool.num_blocks, np.int32)
         for i, (_, seq) in enumerate(live):
             tables_bJ[i, : len(seq.blocks)] = seq.blocks
@@ -401,78 +413,97 @@ class Scheduler:
         top_k = self._top_k if any(seq.params.logprobs for _, seq in live) else 0  # 0: no logprobs at all
         allowed_b = np.full((b, *allowed.shape[1:]), -1, np.int32)  # padding rows: free
         allowed_b[: len(live)] = allowed
-        if drafts is not None:
+        if verify:
             drafts_bK = np.full((b, self.speculation.num_tokens), -1, np.int32)
             for i, draft in enumerate(drafts):
                 drafts_bK[i, : len(draft)] = draft
-            self.drafts += sum(map(bool, drafts))
-            self.draft_tokens += sum(map(len, drafts))
             return Verify(rows=rows, b=b, top_k=top_k, drafts_bK=drafts_bK, allowed_bTW=allowed_b, tables_bJ=tables_bJ)
         return Decode(
             rows=rows,
             b=b,
             steps=self.steps_per_call,
-            max_steps=1 if any(c is not None for c in constraints) else self._decode_steps,  # a grammar's mask holds for one token
+            max_steps=1 if any(c is not None for c in constraints) else self._plain_steps(live, drafts is not None),
             top_k=top_k,
             allowed_bW=allowed_b,
             tables_bJ=tables_bJ,
         )
 
     def _drafts(self, live: list[tuple[int, Sequence]]) -> list[list[int]] | None:
-        """Each live row's draft (speculative.py), or None when this call decodes instead:
-        speculation off, more rows than it pays for, or no row with a draft."""
+        """Each live row's draft (speculative.py; [] for none), or None when this call cannot
+        verify: speculation off, more rows than it pays for, or a call in flight."""
         spec = self.speculation
         if spec is None or len(live) > spec.max_rows or self._in_flight is not None:
             return None
-        drafts = [self._draft(seq, spec) for _, seq in live]
-        return drafts if any(drafts) else None
+        return [self._draft(seq, spec) for _, seq in live]
 
     @staticmethod
     def _draft(seq: Sequence, spec: Speculation) -> list[int]:
-        """A row's draft: the tokens its grammar forces, else what followed its latest suffix's
-        earlier occurrence (as far as its grammar allows); never more than its budget can keep
-        (a verify call keeps one token past the draft)."""
+        """A row's draft: the tokens its grammar forces, else (unless it is backing off) what
+        followed its latest suffix's earlier occurrence, as far as its grammar allows; never
+        more than its budget can keep (a verify call keeps one token past the draft)."""
         limit = min(spec.num_tokens, seq.max_new - seq.completion_tokens - 1)
-        if limit <= 0 or seq.completion_tokens < seq.draft_after:
+        if limit <= 0:
             return []
         if seq.constraint is not None:
             forced = seq.constraint.forced()
             if forced:
                 return forced[:limit]
+        if seq.completion_tokens < seq.draft_after:
+            return []
         draft = propose(seq.context, spec.ngram_min, spec.ngram_max, limit)
         return seq.constraint.valid_prefix(draft) if seq.constraint is not None and draft else draft
 
+    @staticmethod
+    def _back_off(seq: Sequence) -> None:
+        """A row missed (no draft, or one rejected at its first token): a verify call costs a
+        forward pass of more positions, and text with nothing to copy (prose) gets few drafts,
+        almost all spurious, so it waits longer after each miss in a row."""
+        seq.draft_backoff = min(max(2 * seq.draft_backoff, BACKOFF), MAX_BACKOFF)
+        seq.draft_after = seq.completion_tokens + seq.draft_backoff
+
+    def _plain_steps(self, live: list[tuple[int, Sequence]], speculating: bool) -> int:
+        """Steps of a plain decode call: all of them, unless rows may draft: then until the
+        first of them may draft again (a draft may appear after any token), `BACKOFF` at least."""
+        if not speculating:
+            return self.steps_per_call
+        wait = min(seq.draft_after - seq.completion_tokens for _, seq in live)
+        return min(self.steps_per_call, max(wait, BACKOFF))
+
     def _count_accepted(self, plan: Verify, output: Output, sequences: list[Sequence]) -> None:
-        """Adds a verify call's kept draft tokens (each row's leading tokens equal to its draft).
-        A row whose draft failed at its first token drafts again only after a plain decode
-        call: a draft costs the forward pass more positions, and text with nothing to copy
-        (prose) gets spurious matches, almost all rejected at once."""
+        """Counts a verify call's drafts, their tokens, and those kept (each row's leading tokens
+        equal to its draft); a row whose draft was rejected at once backs off, one whose draft
+        was (partly) kept drafts again at once."""
         n, K = len(plan.rows), plan.drafts_bK.shape[1]
         drafts_nK = plan.drafts_bK[:n]
         accepted_n = np.cumprod((output.tokens_bN[:, :K] == drafts_nK) & (drafts_nK >= 0), axis=1).sum(axis=1)
+        self.drafts += int((drafts_nK[:, 0] >= 0).sum())
+        self.draft_tokens += int((drafts_nK >= 0).sum())
         self.accepted_draft_tokens += int(accepted_n.sum())
         for seq, draft, accepted in zip(sequences, drafts_nK[:, 0], accepted_n):
-            if draft >= 0 and accepted == 0:
-                seq.draft_after = seq.completion_tokens + 1 + DECODE_STEPS
+            if draft >= 0 and accepted == 0 and seq.constraint is None:
+                self._back_off(seq)
+            elif accepted:
+                seq.draft_backoff = 0
 
-    def _positions_after_call(self, seq: Sequence) -> int:
-        """Positions a live sequence may have written after the next decode call (its pending
-        token's position is one less than its prompt and output; a call in flight may add
-        `steps_per_call` more)."""
+    def _positions_after_call(self, seq: Sequence, positions: int | None = None) -> int:
+        """Positions a live sequence may have written after the next call, of `positions`
+        (default: as many as any call writes; its pending token's position is one less than its
+        prompt and output; a call in flight may add as many more)."""
         ahead = self._lookahead if self._in_flight is not None else 0
-        return min(len(seq.prompt_ids) + seq.completion_tokens + ahead + self._lookahead, self.max_len)
+        return min(len(seq.prompt_ids) + seq.completion_tokens + ahead + (positions or self._lookahead), self.max_len)
 
-    def _wanted(self, seq: Sequence) -> int:
-        """Blocks a live sequence needs beyond those it holds for the next decode call."""
-        return max(0, self.pool.blocks_for(self._positions_after_call(seq)) - len(seq.blocks))
+    def _wanted(self, seq: Sequence, positions: int | None = None) -> int:
+        """Blocks a live sequence needs beyond those it holds for the next call (of `positions`)."""
+        return max(0, self.pool.blocks_for(self._positions_after_call(seq, positions)) - len(seq.blocks))
 
-    def _grow(self, live: list[tuple[int, Sequence]]) -> bool:
-        """Gives every live row the blocks the next call writes, the earliest admitted first.
+    def _grow(self, live: list[tuple[int, Sequence]], positions: int) -> bool:
+        """Gives every live row the blocks the next call (of `positions`) writes, the earliest
+        admitted first.
         When they run out, collects the call in flight (what it ends frees blocks, and a
         preempted sequence must have all it produced), or else preempts the sequence admitted
         last. False when the rows changed (plan again)."""
         for _, seq in sorted(live, key=lambda item: item[1].admitted):
-            wanted = self._wanted(seq)
+            wanted = self._wanted(seq, positions)
             if wanted > self.pool.num_free:
                 if self._in_flight is not None:
                     self._collect()

@@ -18,7 +18,6 @@ from typing import Sequence
 import numpy as np
 
 METHODS = ("ngram",)
-DECODE_STEPS = 4  # at most this many steps per plain decode call while speculating: a draft may appear after any token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +39,7 @@ class Speculation:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max (--ngram-min, --ngram-max), got {self.ngram_min} "
                              f"and {self.ngram_max}")  # fmt: skip
         if self.max_rows < 1:
-            raise ValueError(f"max_rows must be at least 1, got {self.max_rows}")
+            raise ValueError(f"max_rows (--speculative-max-rows) must be at least 1, got {self.max_rows}")
 
 
 def speculation(method: str | Speculation | None, **settings: int) -> Speculation | None:

@@ -90,11 +90,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("max_batch", "block_size", "prefill_chunk"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    try:
-        args.speculation = None if args.speculative == "off" else Speculation(
-            args.num_speculative_tokens, args.ngram_min, args.ngram_max, args.speculative_max_rows)
+    try:  # checked even when off: a bad setting is a mistake either way
+        speculation = Speculation(args.num_speculative_tokens, args.ngram_min, args.ngram_max, args.speculative_max_rows)
     except ValueError as e:
         parser.error(str(e))
+    args.speculation = None if args.speculative == "off" else speculation
     return args
 
 

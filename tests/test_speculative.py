@@ -10,7 +10,7 @@ import scipy.stats
 
 from codellama_jax import load, structured
 from codellama_jax.generation import generate, stream
-from codellama_jax.runner import _pick_drafted
+from codellama_jax.runner import Decode, Verify, _pick_drafted
 from codellama_jax.sampling import SamplingArrays, SamplingParams, process
 from codellama_jax.scheduler import Scheduler
 from codellama_jax.speculative import Speculation, propose, speculation
@@ -102,25 +102,57 @@ def test_preemption_and_prefix_caching_under_speculation(model):
     assert [tokens(c) for c in got] == want
 
 
+def launches(scheduler: Scheduler) -> list[Decode | Verify]:
+    """Records the plan of each call the scheduler launches."""
+    plans, launch = [], scheduler.runner.launch
+    scheduler.runner.launch = lambda plan: plans.append(plan) or launch(plan)
+    return plans
+
+
 def test_grammar_forced_tokens_are_drafted_and_verified(model):
-    """A JSON schema with fixed keys: the keys come as drafts (llguidance's forced tokens), and
-    the output is the one decoding step by step gives."""
+    """A JSON schema with fixed keys: the first draft is llguidance's forced tokens (the opening
+    and first key), a draft the grammar refuses is cut where it does, and the output is the one
+    decoding step by step gives."""
     schema = {"type": "object", "properties": {"alpha_key": {"type": "integer"}, "beta_key": {"type": "boolean"}},
               "required": ["alpha_key", "beta_key"], "additionalProperties": False}  # fmt: skip
     grammar = structured.compile_grammar(model, structured.json_schema_grammar(schema))
+    forced = grammar.constraint().forced()
+    assert model.tokenizer.decode(forced) == '{"alpha_key":'  # the space may begin the value's token
+    assert grammar.constraint().valid_prefix(forced + model.tokenizer.encode_continuation("zz")) == forced
     params = SamplingParams(temperature=0.0, max_tokens=60)
     prompt = model.tokenizer.encode("JSON:")
     results = []
     for spec in (None, SPEC):
         scheduler = Scheduler(model, max_batch=2, max_len=128, speculation=spec)
-        got = []
+        got, plans = [], launches(scheduler)
         scheduler.add(scheduler.sequences(prompt, params, lambda i: got.append, grammar))
         while scheduler.has_work():
             scheduler.step()
-        results.append((tokens(got), scheduler.stats()))
-    (want, _), (ids, stats) = results
+        results.append((tokens(got), scheduler.stats(), plans))
+    (want, _, _), (ids, stats, plans) = results
     assert ids == want and model.tokenizer.decode(ids).startswith('{"alpha_key": ')
-    assert stats["speculative_accepted_tokens"] >= 4, stats
+    first = [int(t) for t in plans[0].drafts_bK[0] if t >= 0]
+    after_first = grammar.constraint()  # the prefill sampled the first token itself
+    after_first.advance(ids[0])
+    assert first == after_first.forced()[: SPEC.num_tokens] and first[:2] == forced[1:3]
+    assert stats["speculative_accepted_tokens"] >= len(first), stats
+
+
+def test_only_few_rows_speculate_and_a_row_that_misses_backs_off(model):
+    """With `max_rows` 2, calls of more live rows decode; a row that finds no draft (or has one
+    rejected) waits longer after each miss in a row, decoding meanwhile in longer calls."""
+    requests = [(p, SamplingParams(temperature=1.0, seed=4, max_tokens=40)) for p in PROMPTS]
+    scheduler = Scheduler(model, max_batch=4, max_len=128, block_size=4, speculation=Speculation(4, 1, 4, max_rows=2))
+    plans = launches(scheduler)
+    run_all(scheduler, requests)
+    assert all(len(p.rows) <= 2 for p in plans if isinstance(p, Verify))
+    assert any(len(p.rows) > 2 for p in plans if isinstance(p, Decode))
+    lone = Scheduler(model, max_batch=1, max_len=128, steps_per_call=16, speculation=Speculation(4, 1, 4))
+    plans = launches(lone)
+    chunks = run_all(lone, requests[:1])
+    assert len(tokens(chunks[0])) == 40
+    steps = [p.max_steps for p in plans if isinstance(p, Decode)]
+    assert steps[:3] == [4, 8, 16] and len(plans) < 40 // 4, steps  # each miss in a row waits twice as long
 
 
 def test_generate_and_stream_take_speculative_by_name(model):
