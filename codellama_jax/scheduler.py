@@ -36,9 +36,10 @@ from codellama_jax.tokenizer import TextStream
 
 log = logging.getLogger(__name__)
 
-# Speculative decoding: a row that missed (found no draft, or had one rejected at its first token)
-# tries again after BACKOFF tokens, doubling with each miss in a row up to MAX_BACKOFF; plain
-# decode calls meanwhile run until the first live row may draft again.
+# Speculative decoding: a row that finds no draft looks again BACKOFF tokens later (a copy may
+# resume any time); one whose draft is rejected at its first token waits BACKOFF tokens, doubling
+# with each rejection in a row up to MAX_BACKOFF; plain decode calls meanwhile run until the
+# first live row may draft again.
 BACKOFF, MAX_BACKOFF = 4, 32
 
 
@@ -403,7 +404,7 @@ class Scheduler:
                 break
         for (_, seq), draft in zip(live, drafts or ()):
             if not draft and seq.completion_tokens >= seq.draft_after:
-                self._back_off(seq)
+                seq.draft_after = seq.completion_tokens + BACKOFF
         b = buckets.rows_bucket(len(live), self.max_batch)
         window = buckets.window_bucket(max(self._positions_after_call(seq, positions) for _, seq in live), self.max_len)
         tables_bJ = np.full((b, self.pool.blocks_for(window)), self.pool.num_blocks, np.int32)
@@ -455,9 +456,9 @@ class Scheduler:
 
     @staticmethod
     def _back_off(seq: Sequence) -> None:
-        """A row missed (no draft, or one rejected at its first token): a verify call costs a
-        forward pass of more positions, and text with nothing to copy (prose) gets few drafts,
-        almost all spurious, so it waits longer after each miss in a row."""
+        """A row's draft was rejected at its first token: a verify call costs a forward pass of
+        more positions, and text with nothing to copy (prose) gets few drafts, almost all
+        spurious, so it waits longer after each rejection in a row."""
         seq.draft_backoff = min(max(2 * seq.draft_backoff, BACKOFF), MAX_BACKOFF)
         seq.draft_after = seq.completion_tokens + seq.draft_backoff
 
