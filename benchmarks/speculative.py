@@ -131,7 +131,7 @@ def main() -> None:
 
     model = load(Path(args.model) if args.model else fetch_smollm2(REPO / ".cache" / "models"), dtype=args.dtype)
     print(f"{'workload':<9}{'batch':>6}{'draft':>6}{'ngram':>7}{'tokens':>8}{'decode tok/s':>14}{'without':>9}{'ratio':>7}"
-          f"{'drafted':>9}{'accepted':>9}{'rate':>6}{'per draft':>10}  identical")  # fmt: skip
+          f"{'drafted':>9}{'accepted':>9}{'rate':>6}{'kept/draft':>11}  identical")  # fmt: skip
     for workload, batch in itertools.product(args.workloads, args.batches):
         text, new_tokens = WORKLOADS[workload]
         if workload == "edit" and args.lines:
@@ -150,7 +150,7 @@ def main() -> None:
             drafts, drafted, accepted = (stats[f"speculative_{k}"] for k in ("drafts", "draft_tokens", "accepted_tokens"))
             print(f"{workload:<9}{batch:>6}{num_tokens:>6}{ngram_max:>7}{len(ids):>8}{rate:>14.1f}{base:>9.1f}{rate / base:>6.2f}x"
                   f"{drafted:>9}{accepted:>9}{accepted / max(drafted, 1):>6.0%}"
-                  f"{accepted / max(drafts, 1):>10.2f}  {ids == want}")  # fmt: skip
+                  f"{accepted / max(drafts, 1):>11.2f}  {ids == want}")  # fmt: skip
 
 
 if __name__ == "__main__":

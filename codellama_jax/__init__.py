@@ -7,6 +7,7 @@ from codellama_jax.loader import Model, load
 from codellama_jax.model import Llama
 from codellama_jax.plan import plan
 from codellama_jax.sharding import make_mesh
+from codellama_jax.speculative import Speculation
 from codellama_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "Llama",
     "LlamaConfig",
     "Model",
+    "Speculation",
     "Tokenizer",
     "chat",
     "generate",
