@@ -43,3 +43,10 @@ def _env_int(name: str) -> int | None:
         return int(value)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def shutdown() -> None:
+    """Leaves the group with the others (a barrier: every process calls it), so that none is
+    ended by JAX for outliving process 0's coordination service; nothing to do when not joined."""
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()

@@ -90,6 +90,7 @@ class Engine:
         self._stop = threading.Event()
         self._draining = threading.Event()
         self._thread: threading.Thread | None = None
+        self.on_failure: Callable[[Exception], None] | None = None  # a failed step is fatal: told why
 
     # -- the consumer side (event loop) --
 
@@ -157,6 +158,15 @@ class Engine:
             self._thread.join()
         self.scheduler.fail_all(EngineStopped("the engine stopped"))
 
+    def abort(self, error: BaseException) -> None:
+        """Ends every request with `error` at once and takes no more, changing nothing the device
+        thread works on: it may still run, or be stuck in a call that never finishes (a
+        multi-host server whose worker is gone, which must exit soon after)."""
+        self._stop.set()
+        self._wake.set()
+        for seq in self.scheduler.snapshot():
+            seq.deliver(error)
+
     def _run(self) -> None:
         scheduler = self.scheduler
         try:
@@ -171,6 +181,9 @@ class Engine:
                     scheduler.step()
                 except Exception as e:  # a device failure ends the requests in flight, not the engine
                     log.exception("engine step failed")
+                    if self.on_failure is not None:  # unless it cannot go on (multi-host: the processes differ)
+                        self.on_failure(e)
+                        return
                     scheduler.reset(RuntimeError(f"generation failed: {e}"))
         finally:  # the engine cannot go on (stopped, or even a reset failed): nobody waits forever
             self._stop.set()

@@ -194,7 +194,7 @@ def kv_blocks(model, memory: str, block_size: int) -> int:
     """Cache blocks of `block_size` positions in `memory`: bytes ('24GiB', or a plain number of
     at least 1) on each device, or a fraction below 1 ('0.5') of the memory the least free device
     has left (once the weights are loaded; the rest of the runner's state and its working memory
-    come out of what remains)."""
+    come out of what remains; on several hosts, the least free of this host's devices)."""
     if block_size < 1:
         raise ValueError(f"block size {block_size}: a block holds at least one position")
     per_block = runner.block_bytes(model.config, model.mesh, block_size, model.module.dtype)
@@ -204,7 +204,8 @@ def kv_blocks(model, memory: str, block_size: int) -> int:
         fraction = None
     if fraction is None or not 0 < fraction < 1:
         return parse_bytes(memory) // per_block
-    stats = [device.memory_stats() for device in model.mesh.devices.flat]
+    # this process's devices (the only ones it can ask): a multi-host server's workers take process 0's figure
+    stats = [device.memory_stats() for device in model.mesh.devices.flat if device.process_index == jax.process_index()]
     if any(s is None or "bytes_limit" not in s for s in stats):
         raise ValueError(f"--kv-cache-memory {memory!r}: this backend ({jax.default_backend()}) does not report "
                          "device memory, so a fraction of it cannot be taken; give bytes, e.g. 4GiB")  # fmt: skip

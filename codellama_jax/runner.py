@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -195,7 +195,16 @@ def state_bytes(config, mesh, max_batch: int, num_blocks: int, block_size: int, 
 
 class Runner:
     """Jitted prefill and decode over `max_batch` rows and a KV cache of `num_blocks` blocks of
-    `block_size` positions on `model.mesh`."""
+    `block_size` positions on `model.mesh`.
+
+    `announce`, when set, is told of every call that changes the device state (`CALLS`) before
+    it runs, as `announce(name, args)`: a multi-host server's process 0 publishes them for the
+    other processes to run the same calls (multihost.py). Such a runner is `mirrored`: every
+    process holds the same inputs, so they are not broadcast from process 0 (`sharding.put`), and
+    a call that fails raises even when the state survived it, since the other processes may have
+    run it."""
+
+    CALLS = ("admit", "launch", "reset")
 
     def __init__(self, model: Model, max_batch: int, num_blocks: int, block_size: int, decode_attention: str = "auto"):
         self.model, self.max_batch, self.num_blocks, self.block_size = model, max_batch, num_blocks, block_size
@@ -204,27 +213,41 @@ class Runner:
         self.kernel = decode_kernel(mesh, block_size, config.head_dim, decode_attention)
         jitted = _jitted(model.graphdef, config, max_batch, num_blocks, block_size, dtype, self.shardings, self.kernel)
         self._empty, self._prefill, self._first, self._decode, self._verify = jitted
+        self.announce: Callable[[str, tuple], None] | None = None
+        self.mirrored = False
         self.stop_ids = self._put(np.array(model.stop_token_ids or (-1,), np.int32))
         self.state = self._empty()
 
+    def _announce(self, call: str, *args) -> None:
+        if self.announce is not None:
+            self.announce(call, args)
+
     def reset(self) -> None:
         """Every row empty again (after a failure left the state unknown)."""
+        self._announce("reset")
         self.state = self._empty()
 
     def _put(self, tree):
-        return sharding.put(tree, self.model.mesh)
+        return sharding.put(tree, self.model.mesh, agreed=self.mirrored)
+
+    def _shaped(self, tree):
+        """What `_put` would make of these host values, abstract: a compile needs no data (and
+        on several processes, no collective)."""
+        replicated = sharding.replicated(self.model.mesh)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=replicated), tree)
 
     def admit(self, plan: Prefill) -> Output:
         """Runs a scheduler's prefill calls: the first token of every row they fill. A call
         refused with the state intact fails only its own rows (`Output.failed`); one that took
         the state with it raises, and so does any failure once the calls are dispatched (it
         happened on the device, and the state went with it)."""
+        self._announce("admit", plan)
         rows, dispatched, failed = [], [], {}
         for fills, (P, T, J) in zip(plan.calls, plan.shapes):
             try:
                 out = self.prefill(fills, P, T, J)
             except Exception as e:
-                if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
+                if self.mirrored or any(x.is_deleted() for x in jax.tree.leaves(self.state)):
                     raise
                 log.exception("prefill failed")
                 failed.update({row: RuntimeError(f"prefill failed: {e}") for fill in fills for row in fill.rows})
@@ -252,19 +275,20 @@ class Runner:
 
     def compile_prefill(self, P: int, T: int, J: int = 0) -> None:
         """Compiles the prefill call of this shape without running it (warm-up)."""
-        self._prefill.lower(*self._prefill_args([], P, T, J)[0]).compile()
+        self._prefill.lower(*self._prefill_args([], P, T, J, self._shaped)[0]).compile()
 
     def compile_first(self, P: int) -> None:
         """Compiles the first-token call after a prefill of `P` prompts (warm-up)."""
-        first_args = self._prefill_args([], P, 1, 0)[1]
+        first_args = self._prefill_args([], P, 1, 0, self._shaped)[1]
         logits_AV = jax.ShapeDtypeStruct((P, self.model.config.vocab_size), jnp.float32,
                                          sharding=sharding.replicated(self.model.mesh))  # as the prefill returns them
         self._first.lower(self.state, self.stop_ids, logits_AV, *first_args).compile()
 
-    def _prefill_args(self, fills: Sequence[Fill], P: int, T: int, J: int) -> tuple[tuple, tuple]:
-        """The arguments of the prefill call and of the first-token call after it. Each prompt's
-        seen tokens and the counts of its own output (penalties) come from the host: a call
-        runs only part of a prompt when the rest is cached."""
+    def _prefill_args(self, fills: Sequence[Fill], P: int, T: int, J: int, put=None) -> tuple[tuple, tuple]:
+        """The arguments of the prefill call and of the first-token call after it (host values
+        through `put`, by default `_put`). Each prompt's seen tokens and the counts of its own
+        output (penalties) come from the host: a call runs only part of a prompt when the rest
+        is cached."""
         B, M, V = self.max_batch, self.num_blocks, self.model.config.vocab_size
         A = P * max((len(f.rows) for f in fills), default=1)
         tokens_PT, start_P, last_P = np.zeros((P, T), np.int32), np.zeros(P, np.int32), np.zeros(P, np.int32)
@@ -290,8 +314,8 @@ class Runner:
                         raise ValueError(f"a sample of a prompt holds {len(copied)} blocks of its own; one at most")
                     src_A[a], dst_A[a] = table[copied[0]], own[copied[0]]
                 a += 1
-        args = self._put((tokens_PT, start_P, last_P, seen_PV, counts_PV, table_PJ, rows_A, prompt_A, max_new_A,
-                          SamplingArrays.build(settings, V), src_A, dst_A, allowed_AW))  # fmt: skip
+        args = (put or self._put)((tokens_PT, start_P, last_P, seen_PV, counts_PV, table_PJ, rows_A, prompt_A,
+                                   max_new_A, SamplingArrays.build(settings, V), src_A, dst_A, allowed_AW))  # fmt: skip
         forks = any(len(f.rows) > 1 for f in fills)
         return (forks, J > 0, self.state, self.model.params, *args[:-1]), (args[6], args[-1])
 
@@ -301,7 +325,7 @@ class Runner:
         m = self.model
         free_bW = structured.fill_bitmask([None] * b, m.config.vocab_size)
         tables_bJ = np.full((b, blocks_for(window, self.block_size)), self.num_blocks, np.int32)
-        args = self._put((np.full(b, self.max_batch, np.int32), free_bW, tables_bJ, np.int32(steps)))
+        args = self._shaped((np.full(b, self.max_batch, np.int32), free_bW, tables_bJ, np.int32(steps)))
         return self._decode.lower(steps, top_k, m.params, self.state, self.stop_ids, *args).compile()
 
     def compile_verify(self, b: int, window: int, draft: int, top_k: int = 0) -> None:
@@ -309,14 +333,15 @@ class Runner:
         `window` positions without running it (warm-up)."""
         W = structured.bitmask_words(self.model.config.vocab_size)
         tables_bJ = np.full((b, blocks_for(window, self.block_size)), self.num_blocks, np.int32)
-        args = self._put((np.full(b, self.max_batch, np.int32), np.full((b, draft), -1, np.int32),
-                          np.full((b, draft + 1, W), -1, np.int32), tables_bJ))  # fmt: skip
+        args = self._shaped((np.full(b, self.max_batch, np.int32), np.full((b, draft), -1, np.int32),
+                             np.full((b, draft + 1, W), -1, np.int32), tables_bJ))  # fmt: skip
         self._verify.lower(top_k, self.model.params, self.state, self.stop_ids, *args).compile()
 
     def launch(self, plan: Decode | Verify) -> Launched:
         """Dispatches a decode call of up to `plan.max_steps` tokens for each of the plan's rows,
         or a verify call, without waiting for it: the device runs it after the calls dispatched
         before, while the host goes on (`collect` waits for its tokens)."""
+        self._announce("launch", plan)
         rows_b = np.full(plan.b, self.max_batch, np.int32)
         rows_b[: len(plan.rows)] = plan.rows
         if isinstance(plan, Verify):

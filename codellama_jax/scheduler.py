@@ -626,6 +626,12 @@ class Scheduler:
         self._fail_running(error)
         self.fail_waiting(error)
 
+    def snapshot(self) -> list[Sequence]:
+        """Every sequence running, preempted or waiting, read without changing anything (from
+        another thread than the one stepping: each container is copied at once)."""
+        running = [seq for seq in self.rows.copy() if seq is not None]
+        return running + [seq for group in (*self.resuming.copy(), *self.waiting.copy()) for seq in group]
+
     def fail_waiting(self, error: BaseException) -> None:
         while True:
             try:

@@ -84,12 +84,17 @@ def param_sharding(mesh: Mesh, variable, layer: int | None = None) -> NamedShard
     return named(mesh, variable.axes, variable.shape)
 
 
-def put(tree, mesh: Mesh):
+def put(tree, mesh: Mesh, agreed: bool = False):
     """Host values (numpy or single-device arrays) as arrays replicated over the mesh. When the
     mesh spans several processes, process 0's values are used on all of them, so that values
-    drawn per process (fresh random seeds) cannot disagree."""
+    drawn per process (fresh random seeds) cannot disagree, unless `agreed`: every process holds
+    the same values already (a multi-host server publishes each call's inputs), and no collective
+    is needed."""
     tree = jax.tree.map(np.asarray, tree)
-    if jax.process_count() > 1:
-        tree = multihost_utils.broadcast_one_to_all(tree)
     sharding = replicated(mesh)
-    return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+    if not agreed:
+        tree = multihost_utils.broadcast_one_to_all(tree)
+    # from each process's own copy: device_put would compare the copies with a collective per array
+    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, x.__getitem__), tree)

@@ -14,12 +14,16 @@ import time
 from pathlib import Path
 
 
-from codellama_jax import buckets, demo_model
+from codellama_jax import buckets, demo_model, distributed
 from codellama_jax.checkpoint import FORMAT_FILE
 from codellama_jax.speculative import Speculation
 
+HEARTBEAT_SECONDS = 1.0  # multihost.HEARTBEAT_SECONDS, without importing JAX for --help
+
 ENV_API_KEYS = "CODELLAMA_API_KEYS"
 LISTEN_BACKLOG = 1024
+EXIT_WORKER_LOST = 3  # a multi-host server lost a worker: the orchestrator restarts the group
+FLUSH_SECONDS = 2.0  # for the errors of the requests a lost worker ended to reach their clients
 DEFAULT_CACHE = Path(os.environ.get("CODELLAMA_CACHE", Path.home() / ".cache" / "codellama-jax"))
 
 log = logging.getLogger("codellama_jax.serving")
@@ -86,7 +90,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--allowed-origins", default="", metavar="ORIGINS",
                         help="comma-separated browser origins (e.g. https://app.example.com, or *) allowed to call the "
                         "API from a web page (CORS); default: none")  # fmt: skip
+    multi = parser.add_argument_group(
+        "multi-host", "one server over the devices of several hosts (a TPU slice, several GPU hosts): every host runs "
+        "the same command, --mesh spanning every host's devices; process 0 serves HTTP and plans each step, the others "
+        "run the same device calls")  # fmt: skip
+    multi.add_argument("--coordinator", metavar="HOST:PORT", default=os.environ.get(distributed.ENV_COORDINATOR),
+                       help=f"process 0's host and a free port for JAX's coordination service (or ${distributed.ENV_COORDINATOR})")
+    multi.add_argument("--num-processes", type=int, metavar="N", default=os.environ.get(distributed.ENV_NUM_PROCESSES),
+                       help=f"processes in all, one per host (or ${distributed.ENV_NUM_PROCESSES})")
+    multi.add_argument("--process-id", type=int, metavar="I", default=os.environ.get(distributed.ENV_PROCESS_ID),
+                       help=f"this process's rank, 0 to N-1; 0 serves HTTP (or ${distributed.ENV_PROCESS_ID})")
+    multi.add_argument("--multi-host", action="store_true",
+                       help="join the other hosts as JAX's own cluster detection finds them (TPU pods, SLURM, Open MPI), "
+                       "without the three flags above")  # fmt: skip
+    multi.add_argument("--worker-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="process 0: a worker silent (no heartbeat) this long turns /health 503, ends the requests "
+                       f"in flight with an error and makes the server exit {EXIT_WORKER_LOST}, for the orchestrator to "
+                       "restart the group (default %(default)s)")  # fmt: skip
     args = parser.parse_args(argv)
+    args.multi_host = args.multi_host or any(x is not None for x in (args.coordinator, args.num_processes, args.process_id))
+    if args.worker_timeout < 2 * HEARTBEAT_SECONDS:
+        parser.error(f"--worker-timeout must be at least {2 * HEARTBEAT_SECONDS:g} s (two heartbeats), got {args.worker_timeout}")
+    if args.multi_host and not args.mesh:
+        parser.error("a multi-host server needs --mesh over every host's devices, e.g. 1x16 for 4 hosts of 4 chips")
     for flag in ("max_batch", "block_size", "prefill_chunk"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -146,11 +172,67 @@ def main(argv: list[str] | None = None) -> int:
     package_log.setLevel(logging.INFO)
     package_log.propagate = False
     try:
-        sock = claim(args.host, args.port)
-        return asyncio.run(_serve(args, sock))
+        # the port is claimed at once when this process will serve; a rank from JAX's cluster
+        # detection is known only once joined (a worker serves no HTTP)
+        sock = claim(args.host, args.port) if not args.multi_host or args.process_id == 0 else None
+        if args.multi_host:
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+            import jax
+
+            if jax.process_index() != 0:
+                return _follow(args)
+        return asyncio.run(_serve(args, sock or claim(args.host, args.port)))
     except (OSError, ValueError) as e:
         print(f"codellama-serve: error: {e}", file=sys.stderr)
         return 1
+
+
+def _load(args: argparse.Namespace):
+    """The model on `--mesh`, with the compile cache on: what every process of a server does alike."""
+    from codellama_jax import load, make_mesh
+
+    path = Path(args.model) if args.model else demo_model.fetch_smollm2(DEFAULT_CACHE / "models")
+    mesh = None
+    if args.mesh:
+        try:
+            mesh = make_mesh(tuple(int(n) for n in args.mesh.split("x")))
+        except ValueError as e:
+            raise ValueError(f"--mesh {args.mesh!r}: {e}") from None
+    buckets.use_compile_cache(None if args.compile_cache.lower() == "none" else args.compile_cache)
+    interactive = sys.stderr.isatty()  # progress bars for people, plain log lines for log files
+    model = load(path, dtype=args.dtype, mesh=mesh, quantize=args.quantize, scan_layers=args.scan_layers,
+                 progress=interactive)
+    return path, model
+
+
+def _fingerprint(args: argparse.Namespace, model) -> str:
+    """What every process of a multi-host server must load alike (their paths may differ)."""
+    return (f"{model.config}, mesh {dict(model.mesh.shape)}, {model.module.dtype}, quantize {args.quantize}, "
+            f"scan_layers {args.scan_layers}")  # fmt: skip
+
+
+def _follow(args: argparse.Namespace) -> int:
+    """A worker of a multi-host server: its share of the model, then the runner calls process 0
+    publishes (multihost.py), until process 0 stops; a SIGTERM or Ctrl-C waits for that (process
+    0 drains, its workers running its calls meanwhile)."""
+    import jax
+
+    from codellama_jax import multihost
+    from codellama_jax.scheduler import Scheduler
+
+    me = f"worker process {jax.process_index()} of {jax.process_count()}"
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: log.info("%s: stops when process 0 does (signal it instead)", me))
+    worker = multihost.Worker()
+    _, model = _load(args)
+    scheduler = Scheduler(model, **worker.setup(_fingerprint(args, model)))
+    buckets.warm_up(scheduler, worker.stopping)
+    worker.ready()
+    log.info("%s: running process 0's calls", me)
+    worker.follow(scheduler.runner)
+    distributed.shutdown()
+    log.info("%s: stopped", me)
+    return 0
 
 
 async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
@@ -158,7 +240,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    from codellama_jax import load, make_mesh
+    from codellama_jax import multihost
     from codellama_jax.plan import kv_blocks
     from codellama_jax.engine import Engine
 
@@ -169,33 +251,34 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, signalled.set)
     keys = api_keys(args.api_key_file)
-    path = Path(args.model) if args.model else demo_model.fetch_smollm2(DEFAULT_CACHE / "models")
-    mesh = None
-    if args.mesh:
-        try:
-            mesh = make_mesh(tuple(int(n) for n in args.mesh.split("x")))
-        except ValueError as e:
-            raise ValueError(f"--mesh {args.mesh!r}: {e}") from None
     start = time.perf_counter()
-    buckets.use_compile_cache(None if args.compile_cache.lower() == "none" else args.compile_cache)
-    interactive = sys.stderr.isatty()  # progress bars for people, plain log lines for log files
-    model = load(path, dtype=args.dtype, mesh=mesh, quantize=args.quantize, scan_layers=args.scan_layers,
-                 progress=interactive)
+    path, model = _load(args)
     num_blocks = None if args.kv_cache_memory is None else kv_blocks(model, args.kv_cache_memory, args.block_size)
-    engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue,
-                    num_blocks=num_blocks, block_size=args.block_size, prefix_caching=args.prefix_caching,
-                    prefill_chunk=args.prefill_chunk, decode_attention=args.decode_attention,
-                    speculation=args.speculation)  # fmt: skip
+    settings = dict(max_batch=args.max_batch, max_len=args.max_len, num_blocks=num_blocks, block_size=args.block_size,
+                    prefix_caching=args.prefix_caching, prefill_chunk=args.prefill_chunk,
+                    decode_attention=args.decode_attention, speculation=args.speculation)  # fmt: skip
+    leader = multihost.Leader() if jax.process_count() > 1 else None
+    made = {}  # the app and the engine once they exist, for _lost
+    if leader is not None:  # the workers build the same scheduler (its runner joins them in collectives)
+        leader.watch(lambda reason: _lost(reason, **made), args.worker_timeout)
+        leader.setup(settings, _fingerprint(args, model))
+    engine = Engine(model, max_queue=args.max_queue, **settings)
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     config = ServerConfig(args.served_model_name or served_name(path), (args.price_input, args.price_output), keys,
                           allowed_origins=origins)  # fmt: skip
     app = create_app(model, engine, config)
+    made.update(app=app, engine=engine)
+    if leader is not None:  # and run what this one plans; any failure ends the group
+        leader.attach(engine.scheduler.runner)
+        engine.on_failure = lambda e: _lost(f"a device call failed: {e}", app, engine)
     try:
         weights = sum(x.nbytes for x in jax.tree.leaves(model.params))
         log.info("loaded %s in %.1fs: %.2fB parameters, %.2f GiB on %d device(s); compiling", path,
                  time.perf_counter() - start, model.config.num_params / 1e9, weights / 2**30, model.mesh.size)  # fmt: skip
         # every shape up to --max-len (buckets.py), before the first request; a stop signal cuts it short
         await asyncio.to_thread(engine.warm_up, signalled.is_set)
+        if leader is not None:
+            await asyncio.to_thread(leader.wait_ready, signalled.is_set)
         engine.start()
         log.info("ready in %.1fs (compile cache: %s)", time.perf_counter() - start, args.compile_cache)
         if signalled.is_set():
@@ -210,11 +293,11 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         server = asyncio.create_task(serve(app, hyper, shutdown_trigger=shutdown.wait))
         scheduler = engine.scheduler
         spec = args.speculation
-        log.info("serving %r on %s (%d slots, %d KV cache blocks of %d tokens, decode attention: %s, speculative: %s, %s)",
-                 config.served_model_name, address, engine.max_batch, scheduler.pool.num_blocks,
+        log.info("serving %r on %s (%d slots, %d KV cache blocks of %d tokens, decode attention: %s, speculative: %s, "
+                 "%d process(es), %s)", config.served_model_name, address, engine.max_batch, scheduler.pool.num_blocks,
                  scheduler.pool.block_size, scheduler.runner.kernel,
                  f"ngram, {spec.num_tokens} tokens, up to {spec.max_rows} rows" if spec else "off",
-                 "API keys required" if keys else "no API keys")  # fmt: skip
+                 jax.process_count(), "API keys required" if keys else "no API keys")  # fmt: skip
         await asyncio.wait([server, asyncio.create_task(signalled.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not server.done():
             await drain(app, engine, args.drain_timeout)
@@ -222,7 +305,28 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         await server
     finally:
         await asyncio.to_thread(engine.stop)
+        if leader is not None:
+            leader.stop()
+            await asyncio.to_thread(distributed.shutdown)
     return 0
+
+
+def _lost(reason: str, app=None, engine=None) -> None:
+    """A worker is gone (`Leader.watch`), or a call failed so that the processes may no longer
+    run the same programs: the device calls will never finish right, so every request ends with
+    an error and /health says 503 until the process exits, unclean (JAX's shutdown would wait for
+    the lost worker), for its orchestrator to restart the group."""
+    from codellama_jax.engine import EngineStopped
+
+    try:
+        failed = f"this multi-host server cannot go on: {reason}; retry on another replica"
+        log.error("%s; ending every request and exiting %d", failed, EXIT_WORKER_LOST)
+        if app is not None:  # serving already
+            app.config["FAILED"] = failed
+            engine.abort(EngineStopped(failed))
+            time.sleep(FLUSH_SECONDS)
+    finally:
+        os._exit(EXIT_WORKER_LOST)
 
 
 async def drain(app, engine, timeout: float) -> None:

@@ -3,7 +3,8 @@
 Routes: chat completions and completions (each under /v1 and /v1/openai), models, /health,
 /metrics (Prometheus) and /openapi.json. Every error is OpenAI's `{"error": {...}}` shape.
 `app.config["DRAINING"] = True` (set on SIGTERM by __main__) refuses new generation requests with
-503 while those in flight finish; `app.asgi_app.open` counts them, from the first byte of a
+503 while those in flight finish; so does `app.config["FAILED"]`, a reason (a multi-host server
+whose worker process is lost), for good, with /health saying why; `app.asgi_app.open` counts them, from the first byte of a
 request to the last byte of its answer (streams included).
 """
 
@@ -95,7 +96,8 @@ class _SchedulerCollector:
 def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
     """The Quart app; the engine must be started by whoever runs the app."""
     app = Quart("codellama_jax.serving")
-    app.config.update(MAX_CONTENT_LENGTH=config.max_body_bytes, RESPONSE_TIMEOUT=None, BODY_TIMEOUT=60, DRAINING=False)
+    app.config.update(MAX_CONTENT_LENGTH=config.max_body_bytes, RESPONSE_TIMEOUT=None, BODY_TIMEOUT=60, DRAINING=False,
+                      FAILED=None)
     QuartSchema(app, openapi_path="/openapi.json", info={"title": "codellama-jax", "version": "1"},
                 redoc_ui_path=None, scalar_ui_path=None, swagger_ui_path=None)  # fmt: skip
     metrics = Metrics(engine)
@@ -140,8 +142,8 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
             token = token.strip() if scheme.lower() == "bearer" else ""
             if not any([hmac.compare_digest(token.encode(), key.encode()) for key in config.api_keys]):
                 return fail(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if app.config["DRAINING"] and request.method == "POST":
-            return fail(503, DRAINING, retry_after=5, type="server_error", code="unavailable")
+        if (app.config["DRAINING"] or app.config["FAILED"]) and request.method == "POST":
+            return fail(503, app.config["FAILED"] or DRAINING, retry_after=5, type="server_error", code="unavailable")
         if request.method == "POST":
             if request.mimetype != "application/json":
                 return fail(400, f"the body must be JSON sent with 'Content-Type: application/json' (got "
@@ -368,10 +370,13 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> Quart:
 
     @app.get("/health")
     async def health():
-        body = {"status": "draining" if app.config["DRAINING"] else "ok", "model": config.served_model_name,
+        failed, draining = app.config["FAILED"], app.config["DRAINING"]
+        body = {"status": "failed" if failed else "draining" if draining else "ok", "model": config.served_model_name,
                 "slots": engine.max_batch, "slots_in_use": engine.slots_in_use, "queue_depth": engine.queue_depth,
                 "kv_cache_blocks_free": engine.stats()["kv_cache_blocks_free"]}  # fmt: skip
-        return body, 503 if app.config["DRAINING"] else 200
+        if failed:
+            body["error"] = failed
+        return body, 503 if failed or draining else 200
 
     @app.get("/metrics")
     async def prometheus():
