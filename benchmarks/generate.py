@@ -60,17 +60,19 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def ours(model, prompts: np.ndarray, new_tokens: int) -> dict:
+def ours(model, prompts: np.ndarray, new_tokens: int, decode_attention: str = "auto") -> dict:
     """Compile, prefill and decode rates of one batch through the library's own scheduler, as
     generate() runs it: prefill from a run of one token per row, decode from a run of
-    `new_tokens` minus that (as transformers' rates are taken)."""
+    `new_tokens` minus that (as transformers' rates are taken). `decode_attention`: the
+    scheduler's (attention.decode_kernel)."""
     suppress = {int(t): -100.0 for t in model.stop_token_ids}
     rows = [list(map(int, p)) for p in prompts]
     max_len = prompts.shape[1] + new_tokens
 
     def run(tokens) -> tuple[Scheduler, float]:
         params = SamplingParams(temperature=0.0, max_tokens=tokens, logit_bias=suppress)
-        scheduler = Scheduler(model, max_batch=len(rows), max_len=max_len, steps_per_call=GENERATE_STEPS)
+        scheduler = Scheduler(model, max_batch=len(rows), max_len=max_len, steps_per_call=GENERATE_STEPS,
+                              decode_attention=decode_attention)
         done = []
         start = time.perf_counter()
         for row in rows:

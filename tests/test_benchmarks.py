@@ -72,3 +72,29 @@ def test_long_prompt_benchmark(tiny):
     out = _run("benchmarks/long_prompt.py", "--model", str(tiny), "--prompt-tokens", "60", "--rows", "2", "--chunk", "16",
                "--max-len", "128", "--steps", "2", "--no-scan-layers")  # fmt: skip
     assert "in chunks of 16" in out and "whole" in out and "is the same chunked and whole" in out, out
+
+
+def test_accelerator_benchmark(tmp_path):
+    """Tiny shapes on CPU, the kernels in interpret mode, planned for a device of 2.6 MiB (CPU
+    reports none): the tiny 70B-like model gets 1 of its 2 layers and still does not fit in
+    float32 (skipped: not a failure), its int8 weights and the 7B-like model do. No item may fail
+    (the script would exit 1), and every table gets rows: a budget the run stays well within."""
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Accelerator results\n\n## NVIDIA H200, 2026-11-30\n\n- its figures\n\n"
+                       "## cpu, tiny shapes, 2026-11-29\n\n- an older run's figures\n")  # fmt: skip
+    out = _run("benchmarks/accelerator.py", "--shapes", "tiny", "--output", str(results), "--budget-seconds", "150",
+               "--device-memory", "2.6MiB")  # fmt: skip
+    text = results.read_text()
+    assert "failed:" not in text and "failed:" not in out and out.splitlines()[-1].startswith("0 item(s) failed"), out
+    section = text[: text.index("## NVIDIA H200")]
+    for title in ("Memory bandwidth", "Models", "Decode attention: kernel against reference", "Decode",
+                  "int8 decode memory", "Prefill", "Compile times"):  # fmt: skip
+        assert f"\n### {title}\n" in section and f"\n### {title}\n" in out, out
+        table = section.split(f"\n### {title}\n")[1].split("\n### ")[0]
+        assert len([line for line in table.splitlines() if line.startswith("| ")]) >= 2, (title, out)  # header, a row
+    # the memory planner ran: the layer search, a skip for memory, and what fits
+    assert "tiny 70B-like, 1 of 2 layers, float32: skipped, the planner counts" in section, out
+    assert "| tiny 70B-like, 1 of 2 layers | int8 | 2 |" in section and "| tiny 7B-like, 2 layers | float32 | 2 |" in section
+    # this device's section first, in place of its older one; another device's kept
+    assert text.index("## cpu, tiny shapes, ") < text.index("## NVIDIA H200, 2026-11-30"), text
+    assert "its figures" in text and "older run" not in text, text
