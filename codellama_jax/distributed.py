@@ -15,6 +15,7 @@ import jax
 ENV_COORDINATOR = "CODELLAMA_COORDINATOR"
 ENV_NUM_PROCESSES = "CODELLAMA_NUM_PROCESSES"
 ENV_PROCESS_ID = "CODELLAMA_PROCESS_ID"
+SHUTDOWN_SECONDS = 30  # the longest `shutdown` waits for the others (JAX's default: 300)
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
@@ -32,7 +33,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"process id {process_id} is outside [0, {num_processes})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over TCP
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               shutdown_timeout_seconds=SHUTDOWN_SECONDS)
 
 
 def _env_int(name: str) -> int | None:

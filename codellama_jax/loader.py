@@ -142,12 +142,12 @@ def _fill(state: nnx.State, mesh: Mesh, tensors) -> None:
     stacks: dict = {}  # variable path -> (stack being filled, layers in it)
     for stored, value in tensors:
         _, layer, var = where[stored]
-        placed = jax.device_put(value, sharding.param_sharding(mesh, var, layer))
+        placed = sharding.place(value, sharding.param_sharding(mesh, var, layer))
         # a full-precision weight of an int8 variable is quantized; a stored int8 one is as it was saved
         parts = quantization.stored(stored, placed, int8) if placed.dtype != var.dtype else {stored: placed}
         for q, array in parts.items():
             p, layer, var = where[q]
-            array = jax.device_put(array, sharding.param_sharding(mesh, var, layer))
+            array = sharding.place(array, sharding.param_sharding(mesh, var, layer))
             if layer is None:
                 var.value = array
                 continue

@@ -17,7 +17,8 @@ reads results.
 
 Each worker sends a heartbeat (how many calls it has run) every second from a thread of its own,
 from its start on; `Leader.watch` calls `on_lost` when one stays unchanged for `timeout` seconds
-(the process died or hangs), so that process 0 can fail its requests and exit for the
+(the process died or was stopped; a call stuck on its device goes unseen while the thread beats),
+so that process 0 can fail its requests and exit for the
 orchestrator to restart the group; workers exit when process 0 goes (JAX ends a process whose
 coordination service is gone) and when a call fails on them (the processes would no longer run
 the same programs). Calls every worker has run are deleted from the store. The store is
@@ -160,7 +161,7 @@ class Leader:
                 if beat is not None and beat != last[worker][0]:
                     last[worker] = (beat, now)
                 elif now - last[worker][1] > timeout:
-                    on_lost(f"worker process {worker} sent no heartbeat for {timeout:g} s (it died or hangs)")
+                    on_lost(f"worker process {worker} sent no heartbeat for {timeout:g} s (it died or stopped)")
                     return
                 done.append(int(last[worker][0].split()[1]) if last[worker][0] else 0)
             try:
@@ -197,8 +198,8 @@ class Worker:
         model (`fingerprint`) differs from this one."""
         settings, theirs = _unpack(_wait(self.client, f"{PREFIX}setup"))
         if theirs != fingerprint:
-            raise ValueError(f"process 0 serves another model or layout than this process: {theirs} here "
-                             f"{fingerprint}; every host must run the same command")  # fmt: skip
+            raise ValueError(f"process 0 serves another model or layout than this process (process 0: {theirs}; "
+                             f"this process: {fingerprint}); every host must run the same command")  # fmt: skip
         return settings
 
     def stopping(self) -> bool:

@@ -10,6 +10,7 @@ heads of CodeLlama-70B are on a 16-way model axis.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -91,10 +92,15 @@ def put(tree, mesh: Mesh, agreed: bool = False):
     the same values already (a multi-host server publishes each call's inputs), and no collective
     is needed."""
     tree = jax.tree.map(np.asarray, tree)
-    sharding = replicated(mesh)
-    if jax.process_count() == 1:
-        return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
-    if not agreed:
+    if jax.process_count() > 1 and not agreed:
         tree = multihost_utils.broadcast_one_to_all(tree)
-    # from each process's own copy: device_put would compare the copies with a collective per array
-    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, x.__getitem__), tree)
+    return jax.tree.map(functools.partial(place, where=replicated(mesh)), tree)
+
+
+def place(x, where: NamedSharding) -> jax.Array:
+    """`x` laid out as `where` says. A host array, the same on every process, becomes each
+    process's own shards of it: `jax.device_put` would first compare the processes' copies, with
+    a collective per array (an all-gather of every weight of a model loaded on several hosts)."""
+    if jax.process_count() > 1 and isinstance(x, np.ndarray):
+        return jax.make_array_from_callback(x.shape, where, x.__getitem__)
+    return jax.device_put(x, where)

@@ -177,11 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         sock = claim(args.host, args.port) if not args.multi_host or args.process_id == 0 else None
         if args.multi_host:
             distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-            import jax
-
-            if jax.process_index() != 0:
-                return _follow(args)
-        return asyncio.run(_serve(args, sock or claim(args.host, args.port)))
+            return _multi_host(args, sock)
+        return asyncio.run(_serve(args, sock))
     except (OSError, ValueError) as e:
         print(f"codellama-serve: error: {e}", file=sys.stderr)
         return 1
@@ -203,6 +200,25 @@ def _load(args: argparse.Namespace):
     model = load(path, dtype=args.dtype, mesh=mesh, quantize=args.quantize, scan_layers=args.scan_layers,
                  progress=interactive)
     return path, model
+
+
+def _multi_host(args: argparse.Namespace, sock: socket.socket | None) -> int:
+    """One process of a multi-host server. Any failure ends it at once: JAX's exit would wait at
+    a barrier for the others (up to its shutdown timeout) while they wait in a collective, or for
+    a call, from this one."""
+    import jax
+
+    try:
+        if jax.process_index() != 0:
+            return _follow(args)
+        return asyncio.run(_serve(args, sock or claim(args.host, args.port)))
+    except BaseException as e:
+        if isinstance(e, (OSError, ValueError)):
+            print(f"codellama-serve: error: {e}", file=sys.stderr)
+        else:
+            log.exception("process %d of the multi-host server failed", jax.process_index())
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def _fingerprint(args: argparse.Namespace, model) -> str:
@@ -252,15 +268,16 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         loop.add_signal_handler(sig, signalled.set)
     keys = api_keys(args.api_key_file)
     start = time.perf_counter()
+    leader = multihost.Leader() if jax.process_count() > 1 else None
+    made = {}  # the app and the engine once they exist, for _lost
+    if leader is not None:  # from now on a worker that dies or fails ends the group
+        leader.watch(lambda reason: _lost(reason, **made), args.worker_timeout)
     path, model = _load(args)
     num_blocks = None if args.kv_cache_memory is None else kv_blocks(model, args.kv_cache_memory, args.block_size)
     settings = dict(max_batch=args.max_batch, max_len=args.max_len, num_blocks=num_blocks, block_size=args.block_size,
                     prefix_caching=args.prefix_caching, prefill_chunk=args.prefill_chunk,
                     decode_attention=args.decode_attention, speculation=args.speculation)  # fmt: skip
-    leader = multihost.Leader() if jax.process_count() > 1 else None
-    made = {}  # the app and the engine once they exist, for _lost
     if leader is not None:  # the workers build the same scheduler (its runner joins them in collectives)
-        leader.watch(lambda reason: _lost(reason, **made), args.worker_timeout)
         leader.setup(settings, _fingerprint(args, model))
     engine = Engine(model, max_queue=args.max_queue, **settings)
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())

@@ -48,7 +48,7 @@ class Server:
     """Processes of one `codellama-serve` (one, or a group joined through a coordinator), each
     logging to a file; stopped by pid, never by name."""
 
-    def __init__(self, checkpoint: Path, logs: Path, cache: Path, processes: int, *flags: str):
+    def __init__(self, checkpoint: Path, logs: Path, cache: Path, processes: int, *flags: str, worker_flags=()):
         logs.mkdir(parents=True)
         self.port, self.logs = _free_port(), logs
         self.url = f"http://127.0.0.1:{self.port}"
@@ -61,7 +61,7 @@ class Server:
         group = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", str(processes)] if processes > 1 else []
         self.procs = []
         for i in range(processes):
-            rank = ["--process-id", str(i)] if group else []
+            rank = ["--process-id", str(i), *(worker_flags if i else ())] if group else []
             with open(logs / f"{i}.log", "w") as log:
                 self.procs.append(subprocess.Popen([*common, *group, *rank, "--compile-cache", str(cache / str(processes))],
                                                    env=env, stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
@@ -199,6 +199,21 @@ def test_a_lost_worker_fails_requests_health_and_process_0(checkpoint, cache, tm
         assert exited < timeout + 6, exited
         # the first to tell: a collective failing on process 0, or the worker's missing heartbeat
         assert 503 in statuses and "multi-host server cannot go on" in pair.log()
+    finally:
+        pair.stop()
+
+
+def test_a_worker_with_another_model_ends_the_group_at_once(checkpoint, cache, tmp_path):
+    """Hosts started with different layouts (here: unrolled layers on the worker): the worker
+    refuses process 0's settings and exits 1 at once, not after JAX's shutdown barrier; process 0
+    notices (its collective fails, or the heartbeat stops) and exits non-zero, nothing served."""
+    pair = Server(checkpoint, tmp_path / "logs", cache, 2, "--worker-timeout", "3", worker_flags=("--no-scan-layers",))
+    try:
+        assert pair.procs[1].wait(timeout=120) == 1, pair.log(1)
+        exited = time.monotonic()
+        assert pair.procs[0].wait(timeout=30) != 0, pair.log()
+        assert time.monotonic() - exited < 3 + 6
+        assert "serves another model or layout than this process" in pair.log(1) and "serving '" not in pair.log()
     finally:
         pair.stop()
 
