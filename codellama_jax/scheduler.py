@@ -407,9 +407,10 @@ class Scheduler:
                 seq.draft_after = seq.completion_tokens + BACKOFF
         b = buckets.rows_bucket(len(live), self.max_batch)
         window = buckets.window_bucket(max(self._positions_after_call(seq, positions) for _, seq in live), self.max_len)
-        tables_bJ = np.full((b, self.pool.blocks_for(window)), self.pool.num_blocks, np.int32)
-        for i, (_, seq) in enumerate(live):
-            tables_bJ[i, : len(seq.blocks)] = seq.blocks
+        J = self.pool.blocks_for(window)
+        tables_bJ = np.full((b, J), self.pool.num_blocks, np.int32)
+        for i, (_, seq) in enumerate(live):  # blocks past the window (grown for a longer verify call) stay held
+            tables_bJ[i, : len(seq.blocks[:J])] = seq.blocks[:J]
         rows = tuple(row for row, _ in live)
         top_k = self._top_k if any(seq.params.logprobs for _, seq in live) else 0  # 0: no logprobs at all
         allowed_b = np.full((b, *allowed.shape[1:]), -1, np.int32)  # padding rows: free

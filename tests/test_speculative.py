@@ -192,3 +192,15 @@ def test_a_drafted_token_is_kept_with_its_probability_and_the_rest_renormalized(
         expected = p[kept].astype(np.float64) / p[kept].astype(np.float64).sum() * len(observed_tokens)
         _, p_value = scipy.stats.chisquare(observed[kept], expected)
         assert p_value > 1e-3, f"chi-square p = {p_value:.2e}"
+
+
+def test_a_row_holding_blocks_past_a_plain_calls_window_decodes(model):
+    """A verify call grows a row's blocks for its whole draft; a plain decode call after it
+    (the draft rejected) may attend to a smaller window than those blocks reach: its table
+    lists the blocks the window covers, the rest stay held."""
+    spec = Speculation(num_tokens=12, ngram_min=1, ngram_max=4)
+    prompts = [[1, *([5, 9, 200, 37] * n)] for n in range(12, 16)]  # drafts near the 64-position window's end
+    requests = [(p, SamplingParams(temperature=1.0, top_k=3, seed=s, max_tokens=24)) for s, p in enumerate(prompts)]
+    for request in requests:  # one at a time: a lone row drafts
+        chunks, _ = run(model, [request], spec)
+        assert len(tokens(chunks[0])) == 24
