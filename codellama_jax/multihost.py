@@ -85,14 +85,16 @@ def _unpack(data: bytes) -> Any:
     return _Unpickler(io.BytesIO(zlib.decompress(data))).load()
 
 
-def _wait(client, key: str) -> bytes:
-    """The value of `key` once process 0 has set it; raises when the coordination service is gone."""
-    while True:
+def _wait(client, key: str, stop: Callable[[], bool] = lambda: False) -> bytes | None:
+    """The value of `key` once process 0 has set it (None if `stop()` says to give up first);
+    raises when the coordination service is gone."""
+    while not stop():
         try:
             return client.blocking_key_value_get_bytes(key, int(HEARTBEAT_SECONDS * 1000))
         except jax.errors.JaxRuntimeError as e:
             if "DEADLINE_EXCEEDED" not in str(e):
                 raise
+    return None
 
 
 class Leader:
@@ -125,13 +127,7 @@ class Leader:
         """Returns once every worker has compiled its shapes (`Worker.ready`), or `stop()` says
         to give up: a request served before would wait inside a collective meanwhile."""
         for worker in self.workers:
-            while not stop():
-                try:
-                    self.client.blocking_key_value_get(f"{PREFIX}ready/{worker}", int(HEARTBEAT_SECONDS * 1000))
-                    break
-                except jax.errors.JaxRuntimeError as e:
-                    if "DEADLINE_EXCEEDED" not in str(e):
-                        raise
+            _wait(self.client, f"{PREFIX}ready/{worker}", stop)
 
     def stop(self) -> None:
         """Stops watching and tells the workers to exit once they have run every call before."""
